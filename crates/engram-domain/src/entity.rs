@@ -1,0 +1,4 @@
+//! sea-orm entities. The schema itself is owned by the `migration` crate.
+
+pub mod memory;
+pub mod memory_request;

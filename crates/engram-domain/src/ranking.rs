@@ -1,0 +1,102 @@
+//! Effective importance: the reference design's 30-day half-life decay plus an access boost.
+
+use chrono::{DateTime, Utc};
+
+const HALF_LIFE_DAYS: f64 = 30.0;
+/// The seed's ln(2), rounded as it wrote it, so rankings match the Python system.
+const LN_2_AS_IN_SEED: f64 = 0.693147;
+const BOOST_PER_ACCESS: f64 = 0.02;
+const MAX_ACCESS_BOOST: f64 = 0.2;
+const MICROS_PER_DAY: i64 = 86_400_000_000;
+
+/// `importance * e^(-ln2/30 * age_days) + min(0.2, 0.02 * access_count)`, clamped to [0, 1].
+/// Age counts whole days rounded down, like Python's `timedelta.days`.
+pub fn effective_importance(
+    importance: f64,
+    created_at: DateTime<Utc>,
+    access_count: i64,
+    now: DateTime<Utc>,
+) -> f64 {
+    let age_micros = (now - created_at).num_microseconds().unwrap_or(i64::MAX);
+    let age_days = age_micros.div_euclid(MICROS_PER_DAY) as f64;
+    let decay = (-(LN_2_AS_IN_SEED / HALF_LIFE_DAYS) * age_days).exp();
+    let access_boost = MAX_ACCESS_BOOST.min(access_count.max(0) as f64 * BOOST_PER_ACCESS);
+    (importance * decay + access_boost).clamp(0.0, 1.0)
+}
+
+/// A memory as the ranking sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ranked<'a> {
+    pub id: &'a str,
+    pub created_at: DateTime<Utc>,
+    pub effective_importance: f64,
+}
+
+/// Most important first; ties go to the newer memory, then to the id, so order is stable.
+pub fn rank_descending(memories: &mut [Ranked<'_>]) {
+    memories.sort_by(|a, b| {
+        b.effective_importance
+            .total_cmp(&a.effective_importance)
+            .then(b.created_at.cmp(&a.created_at))
+            .then(a.id.cmp(b.id))
+    });
+}
+
+/// The ids to evict so that at most `cap` memories remain: the least important, oldest first.
+pub fn choose_evictions<'a>(memories: &[Ranked<'a>], cap: usize) -> Vec<&'a str> {
+    let mut ranked = memories.to_vec();
+    rank_descending(&mut ranked);
+    ranked.iter().skip(cap).map(|memory| memory.id).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone};
+
+    fn at(days: i64, hours: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::days(days) + Duration::hours(hours)
+    }
+
+    #[test]
+    fn a_fresh_memory_keeps_its_importance() {
+        assert_eq!(effective_importance(0.5, at(0, 0), 0, at(0, 23)), 0.5);
+    }
+
+    #[test]
+    fn thirty_days_halve_it_with_the_seed_constant() {
+        let value = effective_importance(0.8, at(0, 0), 0, at(30, 5));
+        assert!((value - 0.8 * (-0.693147f64).exp()).abs() < 1e-12, "{value}");
+    }
+
+    #[test]
+    fn age_counts_whole_days_rounded_down_like_python() {
+        assert_eq!(
+            effective_importance(1.0, at(0, 0), 0, at(1, 23)),
+            effective_importance(1.0, at(0, 0), 0, at(1, 0))
+        );
+        // A creation time in the future (clock skew) is -1 day in Python, which boosts.
+        assert!(effective_importance(0.5, at(0, 1), 0, at(0, 0)) > 0.5);
+    }
+
+    #[test]
+    fn access_boost_is_two_points_per_access_up_to_twenty() {
+        let base = effective_importance(0.3, at(0, 0), 0, at(0, 0));
+        assert!((effective_importance(0.3, at(0, 0), 3, at(0, 0)) - base - 0.06).abs() < 1e-12);
+        assert!((effective_importance(0.3, at(0, 0), 50, at(0, 0)) - base - 0.2).abs() < 1e-12);
+        assert_eq!(effective_importance(0.95, at(0, 0), 50, at(0, 0)), 1.0);
+    }
+
+    #[test]
+    fn evicts_least_important_then_oldest() {
+        let memories = [
+            Ranked { id: "keep-high", created_at: at(0, 0), effective_importance: 0.9 },
+            Ranked { id: "old-low", created_at: at(0, 0), effective_importance: 0.1 },
+            Ranked { id: "new-low", created_at: at(1, 0), effective_importance: 0.1 },
+            Ranked { id: "mid", created_at: at(0, 0), effective_importance: 0.5 },
+        ];
+        assert_eq!(choose_evictions(&memories, 2), vec!["new-low", "old-low"]);
+        assert_eq!(choose_evictions(&memories, 3), vec!["old-low"]);
+        assert!(choose_evictions(&memories, 4).is_empty());
+    }
+}
