@@ -46,16 +46,27 @@ impl Violations {
         }
     }
 
+    /// Keeps the value, or records all its violations and gives `None`.
+    pub fn check_all<T>(&mut self, result: Result<T, Vec<FieldViolation>>) -> Option<T> {
+        match result {
+            Ok(value) => Some(value),
+            Err(violations) => {
+                self.0.extend(violations);
+                None
+            }
+        }
+    }
+
     pub fn push(&mut self, violation: FieldViolation) {
         self.0.push(violation);
     }
 
-    pub fn extend(&mut self, violations: impl IntoIterator<Item = FieldViolation>) {
-        self.0.extend(violations);
-    }
-
     /// `Ok(())` when nothing was recorded.
     pub fn into_result(self) -> Result<(), Vec<FieldViolation>> {
-        if self.0.is_empty() { Ok(()) } else { Err(self.0) }
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(self.0)
+        }
     }
 }

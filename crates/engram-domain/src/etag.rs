@@ -14,8 +14,15 @@ pub fn memory_etag(memory: &memory::Model) -> String {
     digest.update(memory.content_hash.as_bytes());
     digest.update(memory.importance.to_bits().to_be_bytes());
     digest.update(memory.metadata.to_string().as_bytes());
-    for at in [Some(memory.updated_at), memory.expires_at, memory.deleted_at] {
+    for at in [
+        Some(memory.updated_at),
+        memory.expires_at,
+        memory.deleted_at,
+    ] {
         digest.update(micros(at).to_be_bytes());
     }
-    digest.finalize()[..8].iter().map(|byte| format!("{byte:02x}")).collect()
+    digest.finalize()[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
 }

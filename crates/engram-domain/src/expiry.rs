@@ -58,18 +58,31 @@ mod tests {
     #[test]
     fn default_ttl_applies_when_nothing_is_asked() {
         let now = Utc::now();
-        assert_eq!(resolve("memory.", None, Duration::hours(24), now), Ok(now + Duration::hours(24)));
+        assert_eq!(
+            resolve("memory.", None, Duration::hours(24), now),
+            Ok(now + Duration::hours(24))
+        );
     }
 
     #[test]
     fn ttl_and_expire_time_are_bounded() {
         let now = Utc::now();
-        let ttl = |d| resolve("memory.", Some(Expiration::After(d)), Duration::hours(1), now);
+        let ttl = |d| {
+            resolve(
+                "memory.",
+                Some(Expiration::After(d)),
+                Duration::hours(1),
+                now,
+            )
+        };
         assert_eq!(ttl(Duration::minutes(5)), Ok(now + Duration::minutes(5)));
         assert_eq!(ttl(Duration::zero()).unwrap_err().field, "memory.ttl");
         assert!(ttl(Duration::days(EXPIRATION_MAX_DAYS + 1)).is_err());
         let at = |t| resolve("memory.", Some(Expiration::At(t)), Duration::hours(1), now);
-        assert_eq!(at(now - Duration::seconds(1)).unwrap_err().field, "memory.expire_time");
+        assert_eq!(
+            at(now - Duration::seconds(1)).unwrap_err().field,
+            "memory.expire_time"
+        );
         assert!(at(now + Duration::days(EXPIRATION_MAX_DAYS + 1)).is_err());
         assert_eq!(at(now + Duration::days(2)), Ok(now + Duration::days(2)));
     }

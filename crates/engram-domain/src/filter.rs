@@ -25,11 +25,19 @@ pub fn parse_content_type_filter(filter: &str) -> Result<Vec<ContentType>, Strin
     for (index, term) in tokens.split(|token| token == "OR").enumerate() {
         match term {
             [field, eq, value] if field == "content_type" && eq == "=" => {
-                let kind = parse_content_type(value)
-                    .ok_or_else(|| format!("unknown content type {value:?}; use USER_INFO, PREFERENCE, FACT or CONTEXT"))?;
+                let kind = parse_content_type(value).ok_or_else(|| {
+                    format!(
+                        "unknown content type {value:?}; use USER_INFO, PREFERENCE, FACT or CONTEXT"
+                    )
+                })?;
                 types.push(kind);
             }
-            _ => return Err(format!("term {} must read `content_type = TYPE`, joined by OR", index + 1)),
+            _ => {
+                return Err(format!(
+                    "term {} must read `content_type = TYPE`, joined by OR",
+                    index + 1
+                ));
+            }
         }
     }
     types.sort();
@@ -52,7 +60,9 @@ pub fn parse_purge_filter(filter: &str) -> Result<PurgeScope, String> {
 fn parse_content_type(value: &str) -> Option<ContentType> {
     let bare = value.trim_matches('"');
     let bare = bare.strip_prefix("CONTENT_TYPE_").unwrap_or(bare);
-    ContentType::ALL.into_iter().find(|kind| kind.filter_name() == bare)
+    ContentType::ALL
+        .into_iter()
+        .find(|kind| kind.filter_name() == bare)
 }
 
 /// Splits on whitespace and keeps `=` as its own token.
@@ -74,12 +84,27 @@ mod tests {
     #[test]
     fn content_type_filters() {
         assert_eq!(parse_content_type_filter("  "), Ok(vec![]));
-        assert_eq!(parse_content_type_filter("content_type=FACT"), Ok(vec![ContentType::Fact]));
         assert_eq!(
-            parse_content_type_filter("content_type = \"PREFERENCE\" OR content_type = CONTENT_TYPE_USER_INFO OR content_type = FACT"),
-            Ok(vec![ContentType::UserInfo, ContentType::Preference, ContentType::Fact])
+            parse_content_type_filter("content_type=FACT"),
+            Ok(vec![ContentType::Fact])
         );
-        for bad in ["content_type = SECRET", "content_type FACT", "importance > 0.5", "content_type = FACT AND", "OR"] {
+        assert_eq!(
+            parse_content_type_filter(
+                "content_type = \"PREFERENCE\" OR content_type = CONTENT_TYPE_USER_INFO OR content_type = FACT"
+            ),
+            Ok(vec![
+                ContentType::UserInfo,
+                ContentType::Preference,
+                ContentType::Fact
+            ])
+        );
+        for bad in [
+            "content_type = SECRET",
+            "content_type FACT",
+            "importance > 0.5",
+            "content_type = FACT AND",
+            "OR",
+        ] {
             assert!(parse_content_type_filter(bad).is_err(), "{bad}");
         }
         assert!(parse_content_type_filter(&"x".repeat(FILTER_MAX_LEN + 1)).is_err());
@@ -89,8 +114,16 @@ mod tests {
     fn purge_filters() {
         assert_eq!(parse_purge_filter("*"), Ok(PurgeScope::Everything));
         assert_eq!(parse_purge_filter("state=EXPIRED"), Ok(PurgeScope::Expired));
-        assert_eq!(parse_purge_filter("state = DELETED"), Ok(PurgeScope::Deleted));
-        for bad in ["", "state = LIVE", "* OR state = DELETED", "'; DROP TABLE memories;--"] {
+        assert_eq!(
+            parse_purge_filter("state = DELETED"),
+            Ok(PurgeScope::Deleted)
+        );
+        for bad in [
+            "",
+            "state = LIVE",
+            "* OR state = DELETED",
+            "'; DROP TABLE memories;--",
+        ] {
             assert!(parse_purge_filter(bad).is_err(), "{bad}");
         }
     }

@@ -58,3 +58,25 @@ pub struct NewMemory {
 
 /// Importance of a memory stored without one (the seed's default).
 pub const DEFAULT_IMPORTANCE: f64 = 0.5;
+
+/// A deduplicated store merges into the existing twin: the higher importance wins, newer
+/// metadata keys win, the later expiry wins (a twin that never expires stays so), and a
+/// soft-deleted twin is restored. Content and creation time stay the twin's.
+pub fn merge_into_twin(
+    twin: crate::entity::memory::Model,
+    memory: &NewMemory,
+    now: DateTime<Utc>,
+) -> crate::entity::memory::Model {
+    let existing_metadata = twin.metadata.as_object().cloned().unwrap_or_default();
+    crate::entity::memory::Model {
+        importance: twin.importance.max(memory.importance),
+        metadata: serde_json::Value::Object(crate::validate::merge_metadata(
+            &existing_metadata,
+            &memory.metadata,
+        )),
+        expires_at: twin.expires_at.map(|at| at.max(memory.expires_at)),
+        deleted_at: None,
+        updated_at: now,
+        ..twin
+    }
+}

@@ -12,7 +12,9 @@ impl SessionId {
         let mut chars = id.chars();
         let starts_well = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
         if id.is_empty() || id.len() > SESSION_ID_MAX_LEN {
-            return Err(format!("session id must be 1 to {SESSION_ID_MAX_LEN} characters"));
+            return Err(format!(
+                "session id must be 1 to {SESSION_ID_MAX_LEN} characters"
+            ));
         }
         if !starts_well || !chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
             return Err(
@@ -48,7 +50,10 @@ pub struct MemoryName {
 
 impl MemoryName {
     pub fn new(session_id: SessionId, memory_id: String) -> Self {
-        Self { session_id, memory_id }
+        Self {
+            session_id,
+            memory_id,
+        }
     }
 
     pub fn format(session_id: &str, memory_id: &str) -> String {
@@ -64,9 +69,9 @@ impl std::fmt::Display for MemoryName {
 
 /// Parses `sessions/{session_id}`, reporting problems against `field`.
 pub fn parse_session_name(field: &str, name: &str) -> Result<SessionId, FieldViolation> {
-    let id = name.strip_prefix("sessions/").ok_or_else(|| {
-        FieldViolation::new(field, "must have the form sessions/{session_id}")
-    })?;
+    let id = name
+        .strip_prefix("sessions/")
+        .ok_or_else(|| FieldViolation::new(field, "must have the form sessions/{session_id}"))?;
     SessionId::parse(id).map_err(|why| FieldViolation::new(field, why))
 }
 
@@ -81,7 +86,10 @@ pub fn parse_session_scope(field: &str, name: &str) -> Result<SessionScope, Fiel
 /// Parses `sessions/{session_id}/memories/{memory_id}`; memory ids are UUIDs.
 pub fn parse_memory_name(field: &str, name: &str) -> Result<MemoryName, FieldViolation> {
     let shape = || {
-        FieldViolation::new(field, "must have the form sessions/{session_id}/memories/{memory_id}")
+        FieldViolation::new(
+            field,
+            "must have the form sessions/{session_id}/memories/{memory_id}",
+        )
     };
     let rest = name.strip_prefix("sessions/").ok_or_else(shape)?;
     let (session, memory_id) = rest.split_once("/memories/").ok_or_else(shape)?;
@@ -100,8 +108,15 @@ mod tests {
     fn accepts_ordinary_names() {
         let session = parse_session_name("parent", "sessions/user-123_a").unwrap();
         assert_eq!(session.as_str(), "user-123_a");
-        let name = parse_memory_name("name", "sessions/s1/memories/0A1B2C3D-0000-4000-8000-000000000000").unwrap();
-        assert_eq!(name.to_string(), "sessions/s1/memories/0a1b2c3d-0000-4000-8000-000000000000");
+        let name = parse_memory_name(
+            "name",
+            "sessions/s1/memories/0A1B2C3D-0000-4000-8000-000000000000",
+        )
+        .unwrap();
+        assert_eq!(
+            name.to_string(),
+            "sessions/s1/memories/0a1b2c3d-0000-4000-8000-000000000000"
+        );
     }
 
     #[test]
@@ -119,7 +134,8 @@ mod tests {
             "a b",
             "ünïcode",
         ] {
-            let violation = parse_session_name("parent", &format!("sessions/{payload}")).unwrap_err();
+            let violation =
+                parse_session_name("parent", &format!("sessions/{payload}")).unwrap_err();
             assert_eq!(violation.field, "parent", "{payload}");
         }
         assert!(SessionId::parse(&"a".repeat(256)).is_err());
@@ -142,7 +158,10 @@ mod tests {
 
     #[test]
     fn wildcard_scope_only_where_asked() {
-        assert_eq!(parse_session_scope("parent", "sessions/-").unwrap(), SessionScope::All);
+        assert_eq!(
+            parse_session_scope("parent", "sessions/-").unwrap(),
+            SessionScope::All
+        );
         assert!(parse_session_name("parent", "sessions/-").is_err());
     }
 }

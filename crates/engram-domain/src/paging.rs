@@ -46,11 +46,16 @@ pub fn encode_page_token(cursor: &PageCursor, fingerprint: [u8; 8]) -> String {
 }
 
 pub fn decode_page_token(token: &str, fingerprint: [u8; 8]) -> Result<PageCursor, PageTokenError> {
-    let mut payload = URL_SAFE_NO_PAD.decode(token).map_err(|_| PageTokenError::Malformed)?;
+    let mut payload = URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| PageTokenError::Malformed)?;
     if payload.len() < 1 + 8 + 8 + CHECKSUM_LEN {
         return Err(PageTokenError::Malformed);
     }
-    let expected: [u8; CHECKSUM_LEN] = payload.split_off(payload.len() - CHECKSUM_LEN).try_into().expect("checksum length");
+    let expected: [u8; CHECKSUM_LEN] = payload
+        .split_off(payload.len() - CHECKSUM_LEN)
+        .try_into()
+        .expect("checksum length");
     mask(&mut payload, &expected);
     if checksum(&payload) != expected || payload[0] != TOKEN_VERSION {
         return Err(PageTokenError::Malformed);
@@ -65,7 +70,9 @@ pub fn decode_page_token(token: &str, fingerprint: [u8; 8]) -> Result<PageCursor
 }
 
 fn checksum(payload: &[u8]) -> [u8; CHECKSUM_LEN] {
-    Sha256::digest(payload)[..CHECKSUM_LEN].try_into().expect("checksum length")
+    Sha256::digest(payload)[..CHECKSUM_LEN]
+        .try_into()
+        .expect("checksum length")
 }
 
 /// XOR with a keystream derived from the checksum, so the token shows no readable id.
@@ -100,18 +107,36 @@ mod tests {
     fn refuses_tampering_and_changed_requests() {
         let fingerprint = request_fingerprint(&["sessions/a"]);
         let token = encode_page_token(&cursor(), fingerprint);
-        assert_eq!(decode_page_token(&token, request_fingerprint(&["sessions/b"])), Err(PageTokenError::RequestChanged));
+        assert_eq!(
+            decode_page_token(&token, request_fingerprint(&["sessions/b"])),
+            Err(PageTokenError::RequestChanged)
+        );
         let mut bytes = URL_SAFE_NO_PAD.decode(&token).unwrap();
         bytes[5] ^= 1;
-        assert_eq!(decode_page_token(&URL_SAFE_NO_PAD.encode(bytes), fingerprint), Err(PageTokenError::Malformed));
-        for junk in ["", "!!!", "AAAA", &URL_SAFE_NO_PAD.encode(b"{\"id\":\"x\"}")] {
-            assert_eq!(decode_page_token(junk, fingerprint), Err(PageTokenError::Malformed), "{junk}");
+        assert_eq!(
+            decode_page_token(&URL_SAFE_NO_PAD.encode(bytes), fingerprint),
+            Err(PageTokenError::Malformed)
+        );
+        for junk in [
+            "",
+            "!!!",
+            "AAAA",
+            &URL_SAFE_NO_PAD.encode(b"{\"id\":\"x\"}"),
+        ] {
+            assert_eq!(
+                decode_page_token(junk, fingerprint),
+                Err(PageTokenError::Malformed),
+                "{junk}"
+            );
         }
     }
 
     #[test]
     fn fingerprint_separates_fields() {
-        assert_ne!(request_fingerprint(&["ab", "c"]), request_fingerprint(&["a", "bc"]));
+        assert_ne!(
+            request_fingerprint(&["ab", "c"]),
+            request_fingerprint(&["a", "bc"])
+        );
     }
 
     proptest::proptest! {

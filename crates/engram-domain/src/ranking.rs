@@ -55,7 +55,9 @@ mod tests {
     use chrono::{Duration, TimeZone};
 
     fn at(days: i64, hours: i64) -> DateTime<Utc> {
-        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + Duration::days(days) + Duration::hours(hours)
+        Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap()
+            + Duration::days(days)
+            + Duration::hours(hours)
     }
 
     #[test]
@@ -66,7 +68,10 @@ mod tests {
     #[test]
     fn thirty_days_halve_it_with_the_seed_constant() {
         let value = effective_importance(0.8, at(0, 0), 0, at(30, 5));
-        assert!((value - 0.8 * (-0.693147f64).exp()).abs() < 1e-12, "{value}");
+        assert!(
+            (value - 0.8 * (-0.693147f64).exp()).abs() < 1e-12,
+            "{value}"
+        );
     }
 
     #[test]
@@ -90,10 +95,26 @@ mod tests {
     #[test]
     fn evicts_least_important_then_oldest() {
         let memories = [
-            Ranked { id: "keep-high", created_at: at(0, 0), effective_importance: 0.9 },
-            Ranked { id: "old-low", created_at: at(0, 0), effective_importance: 0.1 },
-            Ranked { id: "new-low", created_at: at(1, 0), effective_importance: 0.1 },
-            Ranked { id: "mid", created_at: at(0, 0), effective_importance: 0.5 },
+            Ranked {
+                id: "keep-high",
+                created_at: at(0, 0),
+                effective_importance: 0.9,
+            },
+            Ranked {
+                id: "old-low",
+                created_at: at(0, 0),
+                effective_importance: 0.1,
+            },
+            Ranked {
+                id: "new-low",
+                created_at: at(1, 0),
+                effective_importance: 0.1,
+            },
+            Ranked {
+                id: "mid",
+                created_at: at(0, 0),
+                effective_importance: 0.5,
+            },
         ];
         assert_eq!(choose_evictions(&memories, 2), vec!["new-low", "old-low"]);
         assert_eq!(choose_evictions(&memories, 3), vec!["old-low"]);

@@ -66,7 +66,10 @@ fn remove_script_uris(mut text: String) -> String {
 /// Collapses runs of whitespace (Python's definition, as the content hash uses) to one space.
 pub fn collapse_whitespace(text: &str) -> String {
     let mut collapsed = String::with_capacity(text.len());
-    for word in text.split(is_python_whitespace).filter(|word| !word.is_empty()) {
+    for word in text
+        .split(is_python_whitespace)
+        .filter(|word| !word.is_empty())
+    {
         if !collapsed.is_empty() {
             collapsed.push(' ');
         }
@@ -90,14 +93,20 @@ mod tests {
     #[test]
     fn script_elements_vanish_with_their_code() {
         assert_eq!(sanitize_text("<script>alert('xss')</script>"), "");
-        assert_eq!(sanitize_text("hi <script>alert(1)</script>there"), "hi there");
+        assert_eq!(
+            sanitize_text("hi <script>alert(1)</script>there"),
+            "hi there"
+        );
         assert_eq!(sanitize_text("<img src=x onerror=alert(1)>"), "");
     }
 
     #[test]
     fn tags_go_but_their_text_stays() {
         assert_eq!(sanitize_text("<b>likes</b> <i>tea</i>"), "likes tea");
-        assert_eq!(sanitize_text("<a href=\"javascript:alert(1)\">click</a>"), "click");
+        assert_eq!(
+            sanitize_text("<a href=\"javascript:alert(1)\">click</a>"),
+            "click"
+        );
     }
 
     #[test]
@@ -118,7 +127,10 @@ mod tests {
     #[test]
     fn bidi_overrides_are_dropped_and_unicode_kept() {
         assert_eq!(sanitize_text("abc\u{202E}def"), "abcdef");
-        assert_eq!(sanitize_text("Zoë prefers 日本語 👩‍💻"), "Zoë prefers 日本語 👩‍💻");
+        assert_eq!(
+            sanitize_text("Zoë prefers 日本語 👩‍💻"),
+            "Zoë prefers 日本語 👩‍💻"
+        );
     }
 
     #[test]

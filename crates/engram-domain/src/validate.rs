@@ -19,7 +19,10 @@ pub fn content(field: &str, raw: &str) -> Result<String, FieldViolation> {
     }
     let clean = sanitize_text(raw);
     if clean.is_empty() {
-        return Err(FieldViolation::new(field, "is empty once markup and control characters are removed"));
+        return Err(FieldViolation::new(
+            field,
+            "is empty once markup and control characters are removed",
+        ));
     }
     if clean.chars().count() > CONTENT_MAX_CHARS {
         return Err(FieldViolation::new(
@@ -35,15 +38,23 @@ pub fn importance(field: &str, value: f64) -> Result<f64, FieldViolation> {
     if (0.0..=1.0).contains(&value) {
         Ok(value)
     } else {
-        Err(FieldViolation::new(field, "must be a number between 0 and 1"))
+        Err(FieldViolation::new(
+            field,
+            "must be a number between 0 and 1",
+        ))
     }
 }
 
 /// Metadata: a JSON object within the size and depth limits, with plain keys and
 /// sanitized string values.
-pub fn metadata(field: &str, value: Map<String, Value>) -> Result<Map<String, Value>, FieldViolation> {
+pub fn metadata(
+    field: &str,
+    value: Map<String, Value>,
+) -> Result<Map<String, Value>, FieldViolation> {
     let clean = sanitize_object(field, value, 1)?;
-    let size = serde_json::to_vec(&clean).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&clean)
+        .map(|bytes| bytes.len())
+        .unwrap_or(usize::MAX);
     if size > METADATA_MAX_BYTES {
         return Err(FieldViolation::new(
             field,
@@ -53,7 +64,11 @@ pub fn metadata(field: &str, value: Map<String, Value>) -> Result<Map<String, Va
     Ok(clean)
 }
 
-fn sanitize_object(field: &str, object: Map<String, Value>, depth: usize) -> Result<Map<String, Value>, FieldViolation> {
+fn sanitize_object(
+    field: &str,
+    object: Map<String, Value>,
+    depth: usize,
+) -> Result<Map<String, Value>, FieldViolation> {
     object
         .into_iter()
         .map(|(key, value)| {
@@ -73,7 +88,10 @@ fn sanitize_object(field: &str, object: Map<String, Value>, depth: usize) -> Res
 fn sanitize_value(field: &str, value: Value, depth: usize) -> Result<Value, FieldViolation> {
     let nested = |depth: usize| {
         if depth >= METADATA_MAX_DEPTH {
-            Err(FieldViolation::new(field, format!("must nest at most {METADATA_MAX_DEPTH} levels")))
+            Err(FieldViolation::new(
+                field,
+                format!("must nest at most {METADATA_MAX_DEPTH} levels"),
+            ))
         } else {
             Ok(depth + 1)
         }
@@ -83,7 +101,12 @@ fn sanitize_value(field: &str, value: Value, depth: usize) -> Result<Value, Fiel
         Value::Object(object) => Value::Object(sanitize_object(field, object, nested(depth)?)?),
         Value::Array(items) => {
             let depth = nested(depth)?;
-            Value::Array(items.into_iter().map(|item| sanitize_value(field, item, depth)).collect::<Result<_, _>>()?)
+            Value::Array(
+                items
+                    .into_iter()
+                    .map(|item| sanitize_value(field, item, depth))
+                    .collect::<Result<_, _>>()?,
+            )
         }
         scalar => scalar,
     })
@@ -91,13 +114,22 @@ fn sanitize_value(field: &str, value: Value, depth: usize) -> Result<Value, Fiel
 
 fn is_plain_key(key: &str) -> bool {
     (1..=METADATA_KEY_MAX_LEN).contains(&key.len())
-        && key.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
 }
 
 /// Shallow merge for deduplicated stores: the newer value of a key wins.
-pub fn merge_metadata(existing: &Map<String, Value>, newer: &Map<String, Value>) -> Map<String, Value> {
+pub fn merge_metadata(
+    existing: &Map<String, Value>,
+    newer: &Map<String, Value>,
+) -> Map<String, Value> {
     let mut merged = existing.clone();
-    merged.extend(newer.iter().map(|(key, value)| (key.clone(), value.clone())));
+    merged.extend(
+        newer
+            .iter()
+            .map(|(key, value)| (key.clone(), value.clone())),
+    );
     merged
 }
 
@@ -112,7 +144,10 @@ mod tests {
 
     #[test]
     fn content_is_sanitized_or_rejected_with_its_field() {
-        assert_eq!(content("memory.content", "  likes <b>tea</b>  ").unwrap(), "likes tea");
+        assert_eq!(
+            content("memory.content", "  likes <b>tea</b>  ").unwrap(),
+            "likes tea"
+        );
         let empty = content("memory.content", "<script>x</script> \u{0}").unwrap_err();
         assert_eq!(empty.field, "memory.content");
         assert!(content("memory.content", &"a".repeat(CONTENT_MAX_INPUT_BYTES + 1)).is_err());
@@ -125,14 +160,24 @@ mod tests {
         assert_eq!(importance("memory.importance", 0.0), Ok(0.0));
         assert_eq!(importance("memory.importance", 1.0), Ok(1.0));
         for bad in [f64::NAN, f64::INFINITY, -0.01, 1.01] {
-            assert_eq!(importance("memory.importance", bad).unwrap_err().field, "memory.importance");
+            assert_eq!(
+                importance("memory.importance", bad).unwrap_err().field,
+                "memory.importance"
+            );
         }
     }
 
     #[test]
     fn metadata_strings_are_sanitized_deeply() {
-        let clean = metadata("memory.metadata", object(json!({"note": "<b>vip</b>", "tags": ["<i>a</i>", 1]}))).unwrap();
-        assert_eq!(Value::Object(clean), json!({"note": "vip", "tags": ["a", 1]}));
+        let clean = metadata(
+            "memory.metadata",
+            object(json!({"note": "<b>vip</b>", "tags": ["<i>a</i>", 1]})),
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(clean),
+            json!({"note": "vip", "tags": ["a", 1]})
+        );
     }
 
     #[test]
@@ -151,7 +196,10 @@ mod tests {
 
     #[test]
     fn merge_prefers_the_newer_value() {
-        let merged = merge_metadata(&object(json!({"a": 1, "b": 1})), &object(json!({"b": 2, "c": 3})));
+        let merged = merge_metadata(
+            &object(json!({"a": 1, "b": 1})),
+            &object(json!({"b": 2, "c": 3})),
+        );
         assert_eq!(Value::Object(merged), json!({"a": 1, "b": 2, "c": 3}));
     }
 }

@@ -1,0 +1,134 @@
+//! Everything a MemoryService call can fail with, and its one mapping to a gRPC status
+//! (AIP-193: canonical code, ErrorInfo always, BadRequest for bad input).
+
+use std::collections::HashMap;
+
+use engram_domain::error::FieldViolation;
+use sea_orm::DbErr;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The ErrorInfo domain of every Engram error.
+pub const ERROR_DOMAIN: &str = "engram.dev";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("memory {name} not found")]
+    NotFound { name: String },
+    #[error("memory {name} is not deleted")]
+    NotDeleted { name: String },
+    #[error("memory {name} is deleted; undelete it first")]
+    Deleted { name: String },
+    #[error("another memory of the session already has this content: {existing}")]
+    ContentConflict { existing: String },
+    #[error("etag does not match the current memory; read it again")]
+    EtagMismatch { name: String },
+    #[error("request_id was already used for a different request")]
+    RequestIdReused,
+    #[error("database unavailable")]
+    Unavailable(#[source] DbErr),
+    #[error("internal error")]
+    Internal(#[source] DbErr),
+}
+
+impl MemoryError {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        MemoryError::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+impl From<DbErr> for MemoryError {
+    fn from(error: DbErr) -> Self {
+        match error {
+            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => MemoryError::Unavailable(error),
+            other => MemoryError::Internal(other),
+        }
+    }
+}
+
+impl From<MemoryError> for Status {
+    fn from(error: MemoryError) -> Status {
+        let message = error.to_string();
+        let (code, reason, metadata, violations) = match error {
+            MemoryError::InvalidArgument(violations) => (
+                Code::InvalidArgument,
+                "INVALID_ARGUMENT",
+                HashMap::new(),
+                violations,
+            ),
+            MemoryError::NotFound { name } => {
+                (Code::NotFound, "MEMORY_NOT_FOUND", resource(name), vec![])
+            }
+            MemoryError::NotDeleted { name } => (
+                Code::AlreadyExists,
+                "MEMORY_NOT_DELETED",
+                resource(name),
+                vec![],
+            ),
+            MemoryError::Deleted { name } => (
+                Code::FailedPrecondition,
+                "MEMORY_DELETED",
+                resource(name),
+                vec![],
+            ),
+            MemoryError::ContentConflict { existing } => (
+                Code::AlreadyExists,
+                "MEMORY_CONTENT_EXISTS",
+                resource(existing),
+                vec![],
+            ),
+            MemoryError::EtagMismatch { name } => {
+                (Code::Aborted, "ETAG_MISMATCH", resource(name), vec![])
+            }
+            MemoryError::RequestIdReused => (
+                Code::InvalidArgument,
+                "REQUEST_ID_REUSED",
+                HashMap::new(),
+                vec![FieldViolation::new(
+                    "request_id",
+                    "was already used for a different request",
+                )],
+            ),
+            MemoryError::Unavailable(source) => {
+                tracing::warn!(error = %source, "database unavailable");
+                (
+                    Code::Unavailable,
+                    "DATABASE_UNAVAILABLE",
+                    HashMap::new(),
+                    vec![],
+                )
+            }
+            MemoryError::Internal(source) => {
+                // The database's text stays in the log; clients get no SQL.
+                tracing::error!(error = %source, "database error");
+                (Code::Internal, "INTERNAL", HashMap::new(), vec![])
+            }
+        };
+        let message = match violations.as_slice() {
+            [] => message,
+            all => format!(
+                "{message}: {}",
+                all.iter()
+                    .map(|v| v.field.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+        if !violations.is_empty() {
+            details.set_bad_request(
+                violations
+                    .into_iter()
+                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        Status::with_error_details(code, message, details)
+    }
+}
+
+fn resource(name: String) -> HashMap<String, String> {
+    HashMap::from([("resource".to_owned(), name)])
+}

@@ -1,0 +1,9 @@
+//! Engram's gRPC server: settings, storage, the MemoryService and the process around them.
+
+pub mod convert;
+pub mod error;
+pub mod server;
+pub mod service;
+pub mod settings;
+pub mod store;
+pub mod sweeper;

@@ -1,0 +1,27 @@
+//! The background sweep: expired, purgeable and stale memories leave the database.
+
+use std::time::Duration;
+
+use chrono::Utc;
+
+use crate::store::MemoryStore;
+
+/// Sweeps every `interval` until the task is dropped. Failures are logged and retried on the
+/// next tick: a sweep only deletes what is already invisible or due, so a missed one is harmless.
+pub async fn run(store: MemoryStore, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        match store.sweep(Utc::now()).await {
+            Ok(report) => tracing::debug!(
+                expired = report.expired,
+                purged_deleted = report.purged_deleted,
+                stale = report.stale,
+                request_log = report.request_log,
+                "sweep finished"
+            ),
+            Err(error) => tracing::warn!(%error, "sweep failed; retrying next interval"),
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The migrations against a real SQLite database file.
+
+mod common;
+
+use common::{Catalog, Memory, query_all, sorted};
+use migration::sea_orm::{Database, DatabaseConnection};
+use tempfile::TempDir;
+
+/// A fresh database file, deleted with the returned directory.
+async fn fresh_database() -> (TempDir, DatabaseConnection) {
+    let dir = tempfile::tempdir().expect("create a temporary directory");
+    let url = format!(
+        "sqlite://{}?mode=rwc",
+        dir.path().join("engram.db").display()
+    );
+    let db = Database::connect(&url)
+        .await
+        .expect("open the sqlite database");
+    (dir, db)
+}
+
+/// The schema as SQLite's catalog reports it: `pragma table_info`,
+/// `pragma index_list`/`index_info` with each index's WHERE clause from
+/// `sqlite_master`, and the named table constraints from `sqlite_master`.
+#[derive(Debug, PartialEq)]
+struct SqliteCatalog {
+    columns: Vec<String>,
+    indexes: Vec<String>,
+    constraints: Vec<String>,
+}
+
+impl Catalog for SqliteCatalog {
+    async fn read(db: &DatabaseConnection) -> Self {
+        let mut catalog = Self {
+            columns: vec![],
+            indexes: vec![],
+            constraints: vec![],
+        };
+        let tables = query_all(
+            db,
+            "SELECT name, sql FROM sqlite_master WHERE type = 'table' \
+             AND name NOT LIKE 'sqlite_%' AND name <> 'seaql_migrations' ORDER BY name",
+        )
+        .await;
+        for table in &tables {
+            let name: String = table.try_get("", "name").unwrap();
+            let sql: String = table.try_get("", "sql").unwrap();
+            catalog.columns.extend(columns(db, &name).await);
+            catalog.indexes.extend(indexes(db, &name).await);
+            catalog.constraints.extend(table_constraints(&name, &sql));
+        }
+        catalog.indexes.sort();
+        catalog
+    }
+
+    fn after_initial() -> Self {
+        Self {
+            columns: initial_memories_columns("memories.metadata json_text"),
+            indexes: sorted([
+                "ix_memories_session_id ON memories (session_id) unique=0 origin=c",
+                "ix_memory_created_at ON memories (created_at) unique=0 origin=c",
+                "sqlite_autoindex_memories_1 ON memories (id) unique=1 origin=pk",
+                "sqlite_autoindex_memories_2 ON memories (session_id, content_type, content) unique=1 origin=u",
+            ]),
+            constraints: vec![
+                r#"memories CONSTRAINT "uq_memory_session_content" UNIQUE ("session_id", "content_type", "content")"#
+                    .to_owned(),
+            ],
+        }
+    }
+
+    fn after_all() -> Self {
+        let mut columns = initial_memories_columns("memories.metadata json_text NOT NULL");
+        columns.extend(
+            [
+                "memories.content_hash varchar(64) NOT NULL",
+                "memories.semantic_hash varchar(64)",
+                "memories.expires_at timestamp_with_timezone_text",
+                "memories.deleted_at timestamp_with_timezone_text",
+                "memory_requests.request_id varchar(36) NOT NULL PRIMARY KEY",
+                "memory_requests.request_digest varchar(64) NOT NULL",
+                "memory_requests.response BLOB NOT NULL",
+                "memory_requests.created_at timestamp_with_timezone_text NOT NULL",
+            ]
+            .map(String::from),
+        );
+        Self {
+            columns,
+            indexes: sorted([
+                "ix_memories_session_id ON memories (session_id) unique=0 origin=c",
+                "ix_memory_created_at ON memories (created_at) unique=0 origin=c",
+                "ix_memory_content_hash ON memories (content_hash) unique=0 origin=c",
+                "ix_memory_semantic_hash ON memories (semantic_hash) unique=0 origin=c",
+                "ix_memory_expires_at ON memories (expires_at) unique=0 origin=c",
+                "ix_memory_deleted_at ON memories (deleted_at) unique=0 origin=c",
+                "ix_memory_active_expires ON memories (expires_at) unique=0 origin=c \
+                 WHERE deleted_at IS NULL AND expires_at IS NOT NULL",
+                "ix_memory_session_type_importance ON memories (session_id, content_type, importance) \
+                 unique=0 origin=c WHERE deleted_at IS NULL",
+                "ix_memory_cleanup ON memories (session_id, last_accessed, importance) \
+                 unique=0 origin=c WHERE deleted_at IS NULL",
+                "sqlite_autoindex_memories_1 ON memories (id) unique=1 origin=pk",
+                "sqlite_autoindex_memories_2 ON memories (session_id, content_type, content_hash) \
+                 unique=1 origin=u",
+                "ix_memory_requests_created_at ON memory_requests (created_at) unique=0 origin=c",
+                "sqlite_autoindex_memory_requests_1 ON memory_requests (request_id) unique=1 origin=pk",
+            ]),
+            constraints: [
+                r#"memories CONSTRAINT "uq_memory_session_content_hash" UNIQUE ("session_id", "content_type", "content_hash")"#,
+                r#"memories CONSTRAINT "ck_memory_importance_range" CHECK (importance >= 0.0 AND importance <= 1.0)"#,
+                r#"memories CONSTRAINT "ck_memory_access_count_positive" CHECK (access_count >= 0)"#,
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+fn initial_memories_columns(metadata: &str) -> Vec<String> {
+    [
+        "memories.id varchar(36) NOT NULL PRIMARY KEY",
+        "memories.session_id varchar(255) NOT NULL",
+        "memories.content_type varchar(50) NOT NULL DEFAULT 'context'",
+        "memories.content TEXT NOT NULL",
+        metadata,
+        "memories.importance double NOT NULL DEFAULT 0.5",
+        "memories.access_count INTEGER NOT NULL DEFAULT 0",
+        "memories.last_accessed timestamp_with_timezone_text",
+        "memories.created_at timestamp_with_timezone_text NOT NULL DEFAULT CURRENT_TIMESTAMP",
+        "memories.updated_at timestamp_with_timezone_text NOT NULL DEFAULT CURRENT_TIMESTAMP",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+async fn columns(db: &DatabaseConnection, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info('{table}') ORDER BY cid"
+    );
+    query_all(db, &sql)
+        .await
+        .iter()
+        .map(|row| {
+            let name: String = row.try_get("", "name").unwrap();
+            let declared: String = row.try_get("", "type").unwrap();
+            let not_null: bool = row.try_get("", "notnull").unwrap();
+            let default: Option<String> = row.try_get("", "dflt_value").unwrap();
+            let primary_key: bool = row.try_get("", "pk").unwrap();
+            format!(
+                "{table}.{name} {declared}{}{}{}",
+                if not_null { " NOT NULL" } else { "" },
+                default
+                    .map(|value| format!(" DEFAULT {value}"))
+                    .unwrap_or_default(),
+                if primary_key { " PRIMARY KEY" } else { "" },
+            )
+        })
+        .collect()
+}
+
+async fn indexes(db: &DatabaseConnection, table: &str) -> Vec<String> {
+    let sql = format!(
+        "SELECT list.name, list.\"unique\", list.origin, master.sql \
+         FROM pragma_index_list('{table}') AS list \
+         LEFT JOIN sqlite_master AS master ON master.name = list.name"
+    );
+    let mut lines = vec![];
+    for row in query_all(db, &sql).await {
+        let name: String = row.try_get("", "name").unwrap();
+        let unique: i32 = row.try_get("", "unique").unwrap();
+        let origin: String = row.try_get("", "origin").unwrap();
+        // Automatic indexes have no SQL; the others may carry a WHERE clause.
+        let sql: Option<String> = row.try_get("", "sql").unwrap();
+        let predicate = sql
+            .as_deref()
+            .and_then(|sql| sql.split_once(" WHERE "))
+            .map(|(_, predicate)| format!(" WHERE {predicate}"))
+            .unwrap_or_default();
+        let columns = index_columns(db, &name).await.join(", ");
+        lines.push(format!(
+            "{name} ON {table} ({columns}) unique={unique} origin={origin}{predicate}"
+        ));
+    }
+    lines
+}
+
+async fn index_columns(db: &DatabaseConnection, index: &str) -> Vec<String> {
+    let sql = format!("SELECT name FROM pragma_index_info('{index}') ORDER BY seqno");
+    query_all(db, &sql)
+        .await
+        .iter()
+        .map(|row| row.try_get("", "name").unwrap())
+        .collect()
+}
+
+/// The `CONSTRAINT ...` clauses of a `CREATE TABLE` statement, which SQLite
+/// keeps only as the statement's text.
+fn table_constraints(table: &str, create_sql: &str) -> Vec<String> {
+    let body = create_sql
+        .trim_end()
+        .strip_suffix(')')
+        .unwrap_or(create_sql)
+        .trim_end();
+    body.split(", CONSTRAINT ")
+        .skip(1)
+        .map(|clause| format!("{table} CONSTRAINT {clause}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn up_from_empty_builds_the_final_schema() {
+    let (_dir, db) = fresh_database().await;
+    common::up_from_empty_builds_the_final_schema::<SqliteCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn legacy_rows_survive_up_and_down() {
+    let (_dir, db) = fresh_database().await;
+    // SQLite indexes any length, so 001 could hold content PostgreSQL cannot.
+    let long = Memory::new("s3", "fact", &"long legacy text ".repeat(6_000));
+    let legacy = common::legacy_memories(&[long]);
+    common::legacy_rows_survive_up_and_down::<SqliteCatalog>(&db, &legacy).await;
+}
+
+#[tokio::test]
+async fn up_refuses_contents_that_normalize_alike() {
+    let (_dir, db) = fresh_database().await;
+    common::up_refuses_contents_that_normalize_alike::<SqliteCatalog>(&db).await;
+}
