@@ -274,10 +274,7 @@ async fn soft_delete_undelete_and_purge(backend: Backend) {
         .await
         .unwrap()
         .into_inner();
-    let (delete_time, purge_time) = (
-        deleted.delete_time.clone().unwrap(),
-        deleted.purge_time.clone().unwrap(),
-    );
+    let (delete_time, purge_time) = (deleted.delete_time.unwrap(), deleted.purge_time.unwrap());
     assert_eq!(
         purge_time.seconds - delete_time.seconds,
         30 * 86_400,
