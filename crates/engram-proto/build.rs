@@ -7,6 +7,8 @@ const PROTO_ROOT: &str = "../../proto";
 const PROTO_FILES: &[&str] = &[
     "engram/memory/v1/memory.proto",
     "engram/memory/v1/memory_service.proto",
+    "engram/toolconfig/v1/tool.proto",
+    "engram/toolconfig/v1/toolconfig_service.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,5 +6,11 @@ pub mod memory {
     }
 }
 
+pub mod toolconfig {
+    pub mod v1 {
+        tonic::include_proto!("engram.toolconfig.v1");
+    }
+}
+
 /// Encoded descriptors of every Engram proto file and its imports, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("engram_descriptor");

@@ -41,11 +41,47 @@ impl MemoryError {
 
 impl From<DbErr> for MemoryError {
     fn from(error: DbErr) -> Self {
-        match error {
-            DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => MemoryError::Unavailable(error),
-            other => MemoryError::Internal(other),
+        if is_unavailable(&error) {
+            MemoryError::Unavailable(error)
+        } else {
+            MemoryError::Internal(error)
         }
     }
+}
+
+/// Errors a retry can cure: the database is down, restarting, overloaded or busy.
+pub fn is_unavailable(error: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as Sqlx;
+    let sqlx = match error {
+        DbErr::ConnectionAcquire(_) | DbErr::Conn(_) => return true,
+        DbErr::Exec(RuntimeErr::SqlxError(sqlx)) | DbErr::Query(RuntimeErr::SqlxError(sqlx)) => {
+            sqlx
+        }
+        _ => return false,
+    };
+    match sqlx.as_ref() {
+        Sqlx::Io(_)
+        | Sqlx::Tls(_)
+        | Sqlx::Protocol(_)
+        | Sqlx::PoolTimedOut
+        | Sqlx::PoolClosed
+        | Sqlx::WorkerCrashed => true,
+        Sqlx::Database(database) => database.code().is_some_and(|code| {
+            // PostgreSQL: connection exceptions (08), shutdown and restart (57P), no resources
+            // (53). SQLite: SQLITE_BUSY (5) and SQLITE_LOCKED (6), with extended codes.
+            code.starts_with("08")
+                || code.starts_with("57P")
+                || code.starts_with("53")
+                || sqlite_busy(&code)
+        }),
+        _ => false,
+    }
+}
+
+fn sqlite_busy(code: &str) -> bool {
+    code.parse::<u32>()
+        .is_ok_and(|code| matches!(code & 0xff, 5 | 6))
 }
 
 impl From<MemoryError> for Status {

@@ -2,8 +2,11 @@
 
 pub mod convert;
 pub mod error;
+pub mod readiness;
 pub mod server;
 pub mod service;
 pub mod settings;
 pub mod store;
 pub mod sweeper;
+pub mod telemetry;
+pub mod toolconfig;

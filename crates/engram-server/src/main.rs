@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use engram_server::settings::{Overrides, Settings};
 use engram_server::{server, store};
 use migration::{Migrator, MigratorTrait};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -53,11 +52,6 @@ enum MigrateAction {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
     let listen = match &cli.command {
         Some(Command::Serve { listen }) => *listen,
@@ -69,6 +63,14 @@ fn main() -> ExitCode {
     };
     let settings = match Settings::load(cli.config.as_deref(), &overrides) {
         Ok(settings) => settings,
+        Err(message) => {
+            eprintln!("engram: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    // Declared before the runtime so it drops after it, flushing the spans still buffered.
+    let _telemetry = match engram_server::telemetry::init(settings.log_format) {
+        Ok(guard) => guard,
         Err(message) => {
             eprintln!("engram: {message}");
             return ExitCode::from(2);
@@ -104,8 +106,8 @@ async fn migrate(settings: Settings, action: MigrateAction) -> Result<(), String
         .await
         .map_err(|error| format!("cannot connect to the database: {error}"))?;
     let result = match action {
-        MigrateAction::Up => Migrator::up(&db, None).await,
-        MigrateAction::Down => Migrator::down(&db, Some(1)).await,
+        MigrateAction::Up => server::apply_migrations(&db).await,
+        MigrateAction::Down => migration::migrate_down(&db).await,
         MigrateAction::Status => Migrator::status(&db).await,
     };
     result.map_err(|error| format!("migration failed: {error}"))

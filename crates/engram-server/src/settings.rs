@@ -1,6 +1,7 @@
 //! Engram's settings: compiled defaults < TOML file < environment < command-line flags,
 //! validated once at start-up. Memory settings keep the reference design's names, defaults
-//! and bounds, and are read from the same environment variables.
+//! and bounds, and are read from the same environment variables; so do its tool settings
+//! (`tools`, see `crate::toolconfig::settings`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -9,7 +10,11 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub use crate::telemetry::LogFormat;
+use crate::toolconfig::seed_env::{EnvKind, SeedEnv};
+use crate::toolconfig::settings::{TOOLS_TABLE, ToolSettings};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
     /// gRPC listen address (`ENGRAM_LISTEN`, `--listen`).
@@ -32,6 +37,22 @@ pub struct Settings {
     pub sweep_interval_seconds: u32,
     /// Largest number of pooled database connections.
     pub database_max_connections: u32,
+    /// Apply pending migrations at start (turn off when a Kubernetes Job runs them).
+    pub migrate_on_start: bool,
+    /// Address of the Prometheus `/metrics` endpoint; none serves no metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// `text` or `json` logs on stderr.
+    pub log_format: LogFormat,
+    /// Seconds between SIGTERM (readiness NOT_SERVING) and refusing new calls.
+    pub shutdown_drain_seconds: u32,
+    /// Seconds in-flight calls get to finish after that before the process exits anyway.
+    pub shutdown_timeout_seconds: u32,
+    /// The deployment (`ENVIRONMENT`); `production` refuses literal API keys.
+    pub environment: String,
+    /// The reference design's tool settings: the `[tools]` table, its names in the environment.
+    /// Not serialized: its defaults come from `ToolSettings::default` field by field.
+    #[serde(default, skip_serializing)]
+    pub tools: ToolSettings,
 }
 
 impl Default for Settings {
@@ -47,20 +68,34 @@ impl Default for Settings {
             soft_delete_retention_days: 30,
             sweep_interval_seconds: 60,
             database_max_connections: 16,
+            migrate_on_start: true,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
+            shutdown_drain_seconds: 0,
+            shutdown_timeout_seconds: 25,
+            environment: "development".to_owned(),
+            tools: ToolSettings::default(),
         }
     }
 }
 
-/// Settings read from the environment under the reference design's names, unprefixed.
-const UNPREFIXED_ENV: [&str; 5] = [
-    "database_url",
-    "memory_max_entries",
-    "memory_ttl_hours",
-    "memory_cleanup_days",
-    "memory_importance_threshold",
+/// Settings read from the environment under the reference design's names, unprefixed and
+/// parsed as it parses them (the tool settings too: `ToolSettings::env_settings`).
+const UNPREFIXED_ENV: [(&str, EnvKind); 6] = [
+    ("database_url", EnvKind::Text),
+    ("environment", EnvKind::Text),
+    ("memory_max_entries", EnvKind::Integer),
+    ("memory_ttl_hours", EnvKind::Integer),
+    ("memory_cleanup_days", EnvKind::Integer),
+    ("memory_importance_threshold", EnvKind::Number),
 ];
 /// Engram's own settings, read from `ENGRAM_`-prefixed variables.
-const PREFIXED_ENV: [&str; 6] = [
+const PREFIXED_ENV: [&str; 11] = [
+    "migrate_on_start",
+    "metrics_listen",
+    "log_format",
+    "shutdown_drain_seconds",
+    "shutdown_timeout_seconds",
     "listen",
     "similarity_max_distance",
     "soft_delete_retention_days",
@@ -89,11 +124,16 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(path));
         }
         let settings: Settings = figment
-            .merge(Env::raw().only(&UNPREFIXED_ENV))
+            .merge(SeedEnv::new(
+                UNPREFIXED_ENV
+                    .iter()
+                    .map(|(key, kind)| ((*key).to_owned(), *kind))
+                    .chain(ToolSettings::env_settings()),
+            ))
             .merge(Env::prefixed("ENGRAM_").only(&PREFIXED_ENV))
             .merge(Serialized::defaults(overrides))
             .extract()
-            .map_err(|error| format!("invalid setting: {error}"))?;
+            .map_err(explain)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -133,6 +173,18 @@ impl Settings {
             1,
             1000,
         )?;
+        check_range(
+            "shutdown_drain_seconds",
+            self.shutdown_drain_seconds,
+            0,
+            300,
+        )?;
+        check_range(
+            "shutdown_timeout_seconds",
+            self.shutdown_timeout_seconds,
+            1,
+            600,
+        )?;
         let url = self.database_url.as_str();
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")
@@ -140,17 +192,62 @@ impl Settings {
         {
             return Err("invalid setting database_url (DATABASE_URL): must start with sqlite:, postgres:// or postgresql://".to_owned());
         }
-        Ok(())
+        let production = self.environment.trim().eq_ignore_ascii_case("production");
+        self.tools.validate(production)
     }
 
     /// The environment variable an operator sets for `key`.
     pub fn env_name(key: &str) -> String {
-        if UNPREFIXED_ENV.contains(&key) {
-            key.to_ascii_uppercase()
+        let unprefixed = UNPREFIXED_ENV.iter().any(|(name, _)| *name == key);
+        let tool = key
+            .strip_prefix(TOOLS_TABLE)
+            .is_some_and(|rest| rest.starts_with('.'));
+        if unprefixed || tool {
+            SeedEnv::variable(key)
         } else {
             format!("ENGRAM_{}", key.to_ascii_uppercase())
         }
     }
+}
+
+/// One line for the operator from figment's error: the setting, its variable, what is wrong
+/// and, for a tool setting, what it must be. A file's syntax error keeps its position but not
+/// the quoted line, which could hold an API key.
+fn explain(error: figment::Error) -> String {
+    let origin = match &error.metadata {
+        Some(figment::Metadata {
+            name,
+            source: Some(source),
+            ..
+        }) => format!(" in {name} {source}"),
+        _ => String::new(),
+    };
+    let key = error.path.join(".");
+    if let figment::error::Kind::UnknownField(field, _) = &error.kind {
+        // The path already ends in the unknown key, except at the top level.
+        let key = if key.is_empty() { field } else { &key };
+        return format!("unknown setting {key}{origin}");
+    }
+    if key.is_empty() {
+        let problem = error.kind.to_string();
+        let problem: Vec<&str> = problem
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty() && !is_quoted_source_line(line))
+            .collect();
+        return format!("invalid settings{origin}: {}", problem.join(": "));
+    }
+    let problem =
+        ToolSettings::explain(&key, &error.kind).unwrap_or_else(|| error.kind.to_string());
+    let variable = Settings::env_name(&key);
+    format!("invalid setting {key} ({variable}){origin}: {problem}")
+}
+
+/// The `12 | text` and `   |   ^` lines a TOML parser quotes.
+fn is_quoted_source_line(line: &str) -> bool {
+    line.trim_start_matches(|c: char| c.is_ascii_digit())
+        .trim_start()
+        .starts_with('|')
 }
 
 fn check_range<T: PartialOrd + std::fmt::Display>(

@@ -90,7 +90,7 @@ pub struct SweepReport {
     pub request_log: u64,
 }
 
-/// Opens the database. SQLite runs in WAL mode with synchronous=NORMAL: a committed
+/// Opens the database pool. SQLite runs in WAL mode with synchronous=NORMAL: a committed
 /// transaction survives a crash of the process (not necessarily of the machine).
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     if let Some(directory) = sqlite_directory(url) {
@@ -102,8 +102,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
     options
         .max_connections(max_connections)
         .connect_timeout(StdDuration::from_secs(10))
-        .acquire_timeout(StdDuration::from_secs(10))
+        .acquire_timeout(StdDuration::from_secs(5))
+        // Connections open on first use: the service starts (and reports NOT_SERVING)
+        // while the database is still unreachable.
+        .connect_lazy(true)
         .sqlx_logging(false)
+        // Database spans name the operation; statements stay out of traces.
+        .record_stmt_in_spans(false)
         .map_sqlx_sqlite_opts(|sqlite| {
             sqlite
                 .journal_mode(SqliteJournalMode::Wal)

@@ -271,3 +271,250 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+/// The `engram` binary running as its own process, its log captured.
+pub struct EngramProcess {
+    pub child: std::process::Child,
+    pub address: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl EngramProcess {
+    /// Runs `engram ARGS` with exactly `env` (plus PATH) and waits for its listen address.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn engram");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (found, address) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().expect("stdout")),
+        ] {
+            let (log, found) = (log.clone(), found.clone());
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stream)
+                    .lines()
+                    .map_while(Result::ok)
+                {
+                    if let Some(at) = line
+                        .split("address=")
+                        .nth(1)
+                        .filter(|_| line.contains("engram serving"))
+                    {
+                        let _ = found.send(
+                            at.trim_matches('"')
+                                .split_whitespace()
+                                .next()
+                                .unwrap_or_default()
+                                .to_owned(),
+                        );
+                    }
+                    log.lock().expect("log").push_str(&(line + "\n"));
+                }
+            });
+        }
+        let address = address
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "engram did not start; its log:\n{}",
+                    log.lock().expect("log")
+                )
+            });
+        Self {
+            child,
+            address: address.parse().expect("listen address"),
+            log,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Sends SIGTERM, as Kubernetes does before it kills a pod.
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait(&mut self, limit: std::time::Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "engram did not exit within {limit:?}; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    pub async fn client(&self) -> MemoryServiceClient<Channel> {
+        MemoryServiceClient::new(connect(self.address).await)
+    }
+}
+
+impl Drop for EngramProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The readiness status of a server, or None when it does not answer.
+pub async fn readiness(address: SocketAddr) -> Option<i32> {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .ok()?
+        .connect()
+        .await
+        .ok()?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let reply = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "readiness".to_owned(),
+        })
+        .await
+        .ok()?;
+    Some(reply.into_inner().status)
+}
+
+pub const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+pub const NOT_SERVING: i32 =
+    tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+
+/// Polls `check` every 100 ms until it holds, at most `limit`; false when it never did.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    limit: std::time::Duration,
+    mut check: impl FnMut() -> F,
+) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A PostgreSQL cluster of the test's own, which it may stop and start (outage tests).
+pub struct PrivatePostgres {
+    pub directory: tempfile::TempDir,
+    pub port: u16,
+    bin: std::path::PathBuf,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> Self {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|versions| versions.filter_map(Result::ok).map(|entry| entry.path().join("bin")).filter(|bin| bin.join("initdb").exists()).max())
+            .expect("PostgreSQL server binaries under /usr/lib/postgresql (scripts/test.sh installs them)");
+        let directory = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("port")
+            .port();
+        let cluster = Self {
+            directory,
+            port,
+            bin,
+        };
+        if is_root() {
+            run(std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(cluster.directory.path()));
+        }
+        run(cluster
+            .as_owner(&cluster.bin.join("initdb"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "-D"])
+            .arg(cluster.data()));
+        cluster.start_server();
+        cluster
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.directory.path().join("data")
+    }
+
+    fn as_owner(&self, program: &std::path::Path) -> std::process::Command {
+        if is_root() {
+            let mut command = std::process::Command::new("runuser");
+            command.args(["-u", "postgres", "--"]).arg(program);
+            command
+        } else {
+            std::process::Command::new(program)
+        }
+    }
+
+    pub fn start_server(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.directory.path().display()
+        );
+        run(self
+            .as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.directory.path().join("log"))
+            .args(["-w", "-o", &options, "start"]));
+    }
+
+    pub fn stop_server(&self) {
+        run(self
+            .as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "fast", "-w", "stop"]));
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self
+            .as_owner(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.data())
+            .args(["-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+fn is_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0\n"))
+}
+
+fn run(command: &mut std::process::Command) {
+    let output = command.output().expect("run");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
