@@ -3,6 +3,7 @@
 pub mod convert;
 pub mod error;
 pub mod readiness;
+pub mod secrets;
 pub mod server;
 pub mod service;
 pub mod settings;

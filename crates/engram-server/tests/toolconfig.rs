@@ -490,7 +490,7 @@ async fn every_setting_is_read_from_the_environment() {
     assert_hidden(&format!("{tools:?}"), &secrets);
     let output = engram.stop();
     assert!(
-        output.contains("using a literal api key (development only)"),
+        output.contains("using a literal secret (development only)"),
         "{output}"
     );
     assert_hidden(&output, &secrets);

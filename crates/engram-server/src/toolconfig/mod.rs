@@ -9,5 +9,5 @@ pub mod seed_env;
 mod service;
 pub mod settings;
 
-pub use secrets::SecretError;
+pub use crate::secrets::SecretError;
 pub use service::ToolConfigApi;

@@ -7,8 +7,9 @@ use tonic::{Request, Response, Status};
 
 use super::catalog::{ToolCatalog, ToolId};
 use super::error::ToolConfigError;
-use super::secrets::{ApiKeys, SecretError};
+use super::secrets::ApiKeys;
 use crate::convert::struct_from_json;
+use crate::secrets::SecretError;
 use crate::settings::Settings;
 
 /// Longest tool id a name may carry (ids are short words; this only bounds input).

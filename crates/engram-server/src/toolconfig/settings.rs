@@ -10,8 +10,8 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 
-use super::secrets::ApiKeyReference;
 use super::seed_env::EnvKind;
+use crate::secrets::SecretReference;
 
 /// The settings table and the prefix of every tool setting's key path.
 pub const TOOLS_TABLE: &str = "tools";
@@ -54,19 +54,19 @@ pub struct ToolSettings {
     pub attachment_temp_cleanup_hours: u64,
 
     pub crm_api_endpoint: Option<String>,
-    #[serde(deserialize_with = "ApiKeyReference::deserialize_optional")]
-    pub crm_api_key: Option<ApiKeyReference>,
+    #[serde(deserialize_with = "SecretReference::deserialize_optional")]
+    pub crm_api_key: Option<SecretReference>,
     /// CRM API timeout in seconds.
     pub crm_timeout: u64,
     pub crm_max_retries: u64,
 
     pub billing_api_endpoint: Option<String>,
-    #[serde(deserialize_with = "ApiKeyReference::deserialize_optional")]
-    pub billing_api_key: Option<ApiKeyReference>,
+    #[serde(deserialize_with = "SecretReference::deserialize_optional")]
+    pub billing_api_key: Option<SecretReference>,
 
     pub inventory_api_endpoint: Option<String>,
-    #[serde(deserialize_with = "ApiKeyReference::deserialize_optional")]
-    pub inventory_api_key: Option<ApiKeyReference>,
+    #[serde(deserialize_with = "SecretReference::deserialize_optional")]
+    pub inventory_api_key: Option<SecretReference>,
 }
 
 impl Default for ToolSettings {
@@ -289,7 +289,7 @@ impl ToolSettings {
         }
         if production {
             for (key, reference) in self.api_keys() {
-                if matches!(reference, Some(ApiKeyReference::Literal(_))) {
+                if matches!(reference, Some(SecretReference::Literal(_))) {
                     return Err(format!(
                         "invalid setting {TOOLS_TABLE}.{key} ({}): a literal API key is refused when ENVIRONMENT=production; use env://VAR, file:///path or secretsmanager://aws/NAME",
                         key.to_ascii_uppercase()
@@ -301,7 +301,7 @@ impl ToolSettings {
     }
 
     /// The API key settings by key.
-    pub fn api_keys(&self) -> [(&'static str, Option<&ApiKeyReference>); 3] {
+    pub fn api_keys(&self) -> [(&'static str, Option<&SecretReference>); 3] {
         [
             ("crm_api_key", self.crm_api_key.as_ref()),
             ("billing_api_key", self.billing_api_key.as_ref()),
