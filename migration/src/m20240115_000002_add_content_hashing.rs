@@ -1,20 +1,30 @@
 //! 002: content hashing, TTL and soft delete (the reference design's
-//! `002_add_content_hashing`, made safe).
+//! `002_add_content_hashing`, made safe on real data).
 //!
 //! Differences from the reference: hashes are always computed in Rust by
 //! `engram_domain::text` (the reference's PostgreSQL SQL did not match its own
-//! Python), the backfill pages by primary key instead of loading the table,
-//! duplicates under the new constraint and oversized content on downgrade are
-//! refused with a clear message, and everything runs in one transaction.
+//! Python); the backfill pages by primary key and writes a page per statement
+//! instead of loading the table; on SQLite the legacy timestamps are rewritten
+//! into the text the service writes and compares; legacy rows that normalize
+//! alike are merged (see [`merge`]) instead of failing the new unique
+//! constraint; rows breaking the new checks and oversized content on downgrade
+//! are refused with a clear message; and everything runs in one transaction,
+//! so an interrupted run leaves the database as it was.
 
+mod merge;
+
+use chrono::{DateTime, Utc};
 use engram_domain::text;
 use sea_orm_migration::prelude::*;
-use sea_orm_migration::sea_orm::{DbBackend, Statement};
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 
 use crate::m20240101_000001_initial_schema as initial;
 
-/// Rows hashed per keyset page.
-const BACKFILL_BATCH: u64 = 500;
+/// Rows read and written per keyset page.
+const BACKFILL_BATCH: u64 = 1000;
+
+/// Rows between two progress lines of the backfill.
+const PROGRESS_EVERY: usize = 50_000;
 
 /// 001 restores a unique constraint on the full `content`, and a PostgreSQL
 /// btree entry cannot exceed about 2.7 KB.
@@ -31,6 +41,13 @@ const CHECKS: [(&str, &str); 2] = [
 
 /// Columns that may hold NULL until the upgrade fills them, NOT NULL after.
 const BACKFILLED_COLUMNS: [&str; 2] = ["content_hash", "metadata"];
+
+/// 001's timestamp columns. SQLite keeps them as text, compared as text.
+const LEGACY_TIMESTAMPS: [&str; 3] = ["created_at", "updated_at", "last_accessed"];
+
+/// How the Python system (SQLAlchemy's SQLite `DateTime`) writes a timestamp:
+/// naive, always with microseconds.
+const PYTHON_SQLITE_TIMESTAMP: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
 /// Partial-index predicate: only memories that are not soft-deleted.
 const LIVE: &str = "deleted_at IS NULL";
@@ -79,6 +96,8 @@ enum Memories {
     Content,
     Importance,
     LastAccessed,
+    CreatedAt,
+    UpdatedAt,
     ContentHash,
     SemanticHash,
     ExpiresAt,
@@ -91,13 +110,15 @@ struct MemoriesRebuild;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
-    // Both backends run DDL transactionally, so a refusal or failure at any
-    // step (including after the backfill) leaves the database as it was.
+    // Both backends run DDL transactionally, so a refusal, a failure or a kill
+    // at any step (including mid-backfill) leaves the database as it was.
     fn use_transaction(&self) -> Option<bool> {
         Some(true)
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        refuse_rows_failing_checks(manager).await?;
+        drop_initial_indexes(manager).await?;
         for column in hashing_columns() {
             manager
                 .alter_table(
@@ -108,9 +129,9 @@ impl MigrationTrait for Migration {
                 )
                 .await?;
         }
-        backfill_hashes(manager).await?;
+        backfill(manager).await?;
         replace_null_metadata(manager).await?;
-        refuse_hash_duplicates(manager).await?;
+        merge::merge_rows_that_normalize_alike(manager).await?;
         match manager.get_database_backend() {
             DbBackend::Postgres => constrain_in_place(manager).await,
             DbBackend::Sqlite => {
@@ -128,6 +149,7 @@ impl MigrationTrait for Migration {
                 unconstrain_in_place(manager).await
             }
             DbBackend::Sqlite => {
+                rewrite_sqlite_timestamps_for_python(manager).await?;
                 rebuild_sqlite_memories(
                     manager,
                     initial::memories_table(),
@@ -144,6 +166,25 @@ fn unsupported(backend: DbBackend) -> DbErr {
     DbErr::Migration(format!(
         "migration 002 supports postgresql and sqlite, not {backend:?}"
     ))
+}
+
+/// A legacy importance of 1.5 would otherwise stop the upgrade at the very
+/// end with a bare constraint error; say which check and how many rows.
+async fn refuse_rows_failing_checks(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    for (name, predicate) in CHECKS {
+        let failing = count(
+            manager,
+            &format!("SELECT COUNT(*) FROM memories WHERE NOT ({predicate})"),
+        )
+        .await?;
+        if failing > 0 {
+            return Err(DbErr::Migration(format!(
+                "cannot add {name}: {failing} memory row(s) fail `{predicate}`; \
+                 correct or delete them, then migrate again"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The new columns, nullable so they can be added to a filled table.
@@ -168,40 +209,68 @@ fn hashing_columns() -> [ColumnDef; 4] {
     ]
 }
 
-/// Fills both hashes of every unhashed row, one keyset page at a time.
-async fn backfill_hashes(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+/// Fills both hashes of every unhashed row, one keyset page at a time. On
+/// SQLite it also rewrites the row's legacy timestamps: the Python system
+/// wrote naive `2024-01-15 10:00:00.123456` (or `2024-01-15 10:00:00` from
+/// the `CURRENT_TIMESTAMP` default) while the service writes and compares
+/// RFC 3339 UTC text, and SQLite compares both as plain text. Each value is
+/// read by the same sqlx decoder the service reads with (naive = UTC) and
+/// written back by the same encoder it writes with, so the text is exactly
+/// the service's.
+async fn backfill(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
+    let rewrites_timestamps = manager.get_database_backend() == DbBackend::Sqlite;
+    let mut read_columns = vec![Memories::Id, Memories::Content];
+    let mut written_columns = vec!["content_hash", "semantic_hash"];
+    if rewrites_timestamps {
+        read_columns.extend([
+            Memories::CreatedAt,
+            Memories::UpdatedAt,
+            Memories::LastAccessed,
+        ]);
+        written_columns.extend(LEGACY_TIMESTAMPS);
+    }
     let pending = count(
         manager,
         "SELECT COUNT(*) FROM memories WHERE content_hash IS NULL",
     )
     .await?;
-    tracing::info!(pending, "backfilling memory hashes");
+    tracing::info!(pending, rewrites_timestamps, "backfilling memory hashes");
     let mut hashed = 0;
     let mut after_id = None;
     loop {
-        let page = db.query_all(&unhashed_page(after_id.as_deref())).await?;
-        if page.is_empty() {
-            break;
-        }
+        let page = db
+            .query_all(&unhashed_page(&read_columns, after_id.as_deref()))
+            .await?;
+        let Some(last) = page.last() else { break };
+        after_id = Some(last.try_get::<String>("", "id")?);
+        let mut updates = Vec::with_capacity(page.len());
         for row in &page {
-            let id: String = row.try_get("", "id")?;
-            let content: String = row.try_get("", "content")?;
-            db.execute(&hash_update(&id, &content)).await?;
-            after_id = Some(id);
+            let mut values = hashed_values(row)?;
+            if rewrites_timestamps {
+                for column in LEGACY_TIMESTAMPS {
+                    values.push(legacy_timestamp(row, column)?.into());
+                }
+            }
+            updates.push(values);
         }
+        update_rows(db, &written_columns, updates, Ids::KeysetPage).await?;
+        let before = hashed;
         hashed += page.len();
-        tracing::info!(hashed, pending, "backfilled memory hashes");
+        if before / PROGRESS_EVERY != hashed / PROGRESS_EVERY {
+            tracing::info!(hashed, pending, "backfilled memory hashes");
+        }
     }
+    tracing::info!(hashed, "backfill done");
     Ok(())
 }
 
 /// The next page of unhashed rows after `after_id`, in primary key order.
 /// Starting after the last id keeps each page an index range scan instead of
 /// rescanning the rows already hashed.
-fn unhashed_page(after_id: Option<&str>) -> SelectStatement {
+fn unhashed_page(columns: &[Memories], after_id: Option<&str>) -> SelectStatement {
     Query::select()
-        .columns([Memories::Id, Memories::Content])
+        .columns(columns.iter().copied())
         .from(Memories::Table)
         .and_where(Expr::col(Memories::ContentHash).is_null())
         .and_where_option(after_id.map(|id| Expr::col(Memories::Id).gt(id)))
@@ -210,23 +279,106 @@ fn unhashed_page(after_id: Option<&str>) -> SelectStatement {
         .to_owned()
 }
 
-fn hash_update(id: &str, content: &str) -> UpdateStatement {
-    Query::update()
-        .table(Memories::Table)
-        .value(Memories::ContentHash, text::content_hash(content))
-        .value(
-            Memories::SemanticHash,
-            text::format_semantic_hash(text::semantic_hash(content)),
-        )
-        .and_where(Expr::col(Memories::Id).eq(id))
-        .to_owned()
+/// `[id, content_hash, semantic_hash]` of a row holding `id` and `content`.
+fn hashed_values(row: &QueryResult) -> Result<Vec<Value>, DbErr> {
+    let id: String = row.try_get("", "id")?;
+    let content: String = row.try_get("", "content")?;
+    Ok(vec![
+        id.into(),
+        text::content_hash(&content).into(),
+        text::format_semantic_hash(text::semantic_hash(&content)).into(),
+    ])
+}
+
+/// A timestamp column of `row` as the service's sqlx decoder reads it,
+/// with an error naming the column and the row (never the content).
+fn legacy_timestamp(row: &QueryResult, column: &str) -> Result<Option<DateTime<Utc>>, DbErr> {
+    row.try_get("", column).map_err(|error| {
+        let id: String = row.try_get("", "id").unwrap_or_default();
+        DbErr::Migration(format!(
+            "memories.{column} of memory {id} is not a readable timestamp: {error}"
+        ))
+    })
+}
+
+/// How the ids of the rows given to [`update_rows`] lie.
+enum Ids {
+    /// A keyset page: in id order, every row between the first and the last.
+    KeysetPage,
+    /// Anywhere in the table.
+    Scattered,
+}
+
+/// The `n`th (from 1) bind parameter of a raw statement.
+fn placeholder(backend: DbBackend, n: usize) -> String {
+    match backend {
+        DbBackend::Postgres => format!("${n}"),
+        _ => "?".to_owned(),
+    }
+}
+
+/// Sets `columns` of many rows in one statement. Each entry of `rows` is the
+/// row's id followed by one value per column. A keyset page's id range bounds
+/// the join: without it PostgreSQL may hash-join the page against a scan of
+/// the whole table, once per page.
+async fn update_rows(
+    db: &impl ConnectionTrait,
+    columns: &[&str],
+    rows: Vec<Vec<Value>>,
+    ids: Ids,
+) -> Result<(), DbErr> {
+    let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+        return Ok(());
+    };
+    let id_range = match ids {
+        Ids::KeysetPage => vec![first[0].clone(), last[0].clone()],
+        Ids::Scattered => vec![],
+    };
+    let backend = db.get_database_backend();
+    let mut placeholders = (1..).map(|n| placeholder(backend, n));
+    let tuples: Vec<String> = rows
+        .iter()
+        .map(|values| {
+            let row: Vec<String> = placeholders.by_ref().take(values.len()).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect();
+    let assignments: Vec<String> = columns
+        .iter()
+        .map(|column| format!("{column} = new_values.{column}"))
+        .collect();
+    let bound = match ids {
+        Ids::KeysetPage => format!(
+            " AND memories.id BETWEEN {} AND {}",
+            placeholders.next().unwrap_or_default(),
+            placeholders.next().unwrap_or_default()
+        ),
+        Ids::Scattered => String::new(),
+    };
+    let sql = format!(
+        "WITH new_values (id, {columns}) AS (VALUES {tuples}) \
+         UPDATE memories SET {assignments} FROM new_values \
+         WHERE memories.id = new_values.id{bound}",
+        columns = columns.join(", "),
+        tuples = tuples.join(", "),
+        assignments = assignments.join(", "),
+    );
+    let values = rows.into_iter().flatten().chain(id_range);
+    db.execute_raw(Statement::from_sql_and_values(backend, sql, values))
+        .await?;
+    Ok(())
 }
 
 /// The v3 model makes `metadata` NOT NULL with `{}` as its empty value.
+/// SQLAlchemy's JSON type stores Python's `None` as the JSON text `null`,
+/// so that counts as empty too.
 async fn replace_null_metadata(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let result = manager
         .get_connection()
-        .execute_unprepared("UPDATE memories SET metadata = '{}' WHERE metadata IS NULL")
+        .execute_unprepared(
+            "UPDATE memories SET metadata = '{}' \
+             WHERE metadata IS NULL OR CAST(metadata AS TEXT) = 'null'",
+        )
         .await?;
     tracing::info!(
         rows = result.rows_affected(),
@@ -235,47 +387,48 @@ async fn replace_null_metadata(manager: &SchemaManager<'_>) -> Result<(), DbErr>
     Ok(())
 }
 
-/// Contents that differ only in case, spacing or trailing punctuation share a
-/// hash, and the new unique constraint would reject them with a bare error.
-async fn refuse_hash_duplicates(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    let groups = count(
-        manager,
-        "SELECT COUNT(*) FROM (SELECT 1 FROM memories \
-         GROUP BY session_id, content_type, content_hash HAVING COUNT(*) > 1) AS duplicates",
-    )
-    .await?;
-    if groups == 0 {
-        return Ok(());
+/// 001's unique constraint on the full content goes anyway (PostgreSQL;
+/// SQLite drops it with the table rebuild), and 001's secondary indexes are
+/// cheaper to build again afterwards than to maintain row by row through the
+/// backfill.
+async fn drop_initial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    for index in initial::memories_indexes() {
+        let name = index.get_index_spec().get_name().unwrap_or_default();
+        manager
+            .drop_index(Index::drop().name(name).table(Memories::Table).to_owned())
+            .await?;
     }
-    Err(DbErr::Migration(format!(
-        "cannot add uq_memory_session_content_hash: {groups} group(s) of memories share a session, \
-         content_type and normalized content; merge or delete the duplicates, then migrate again"
-    )))
+    if manager.get_database_backend() == DbBackend::Postgres {
+        manager
+            .get_connection()
+            .execute_unprepared("ALTER TABLE memories DROP CONSTRAINT uq_memory_session_content")
+            .await?;
+    }
+    Ok(())
 }
 
-/// PostgreSQL changes constraints in place.
+/// PostgreSQL changes constraints in place, in one ALTER TABLE so the table
+/// is scanned once to check them all, then builds the indexes.
 async fn constrain_in_place(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    for column in BACKFILLED_COLUMNS {
-        db.execute_unprepared(&format!(
-            "ALTER TABLE memories ALTER COLUMN {column} SET NOT NULL"
-        ))
+    let mut actions: Vec<String> = BACKFILLED_COLUMNS
+        .iter()
+        .map(|column| format!("ALTER COLUMN {column} SET NOT NULL"))
+        .collect();
+    actions.push(
+        "ADD CONSTRAINT uq_memory_session_content_hash \
+         UNIQUE (session_id, content_type, content_hash)"
+            .to_owned(),
+    );
+    actions.extend(
+        CHECKS
+            .iter()
+            .map(|(name, predicate)| format!("ADD CONSTRAINT {name} CHECK ({predicate})")),
+    );
+    manager
+        .get_connection()
+        .execute_unprepared(&format!("ALTER TABLE memories {}", actions.join(", ")))
         .await?;
-    }
-    db.execute_unprepared(
-        "ALTER TABLE memories \
-         DROP CONSTRAINT uq_memory_session_content, \
-         ADD CONSTRAINT uq_memory_session_content_hash \
-         UNIQUE (session_id, content_type, content_hash)",
-    )
-    .await?;
-    for (name, predicate) in CHECKS {
-        db.execute_unprepared(&format!(
-            "ALTER TABLE memories ADD CONSTRAINT {name} CHECK ({predicate})"
-        ))
-        .await?;
-    }
-    for index in hashing_indexes() {
+    for index in all_hashed_indexes() {
         manager.create_index(index).await?;
     }
     Ok(())
@@ -332,6 +485,47 @@ async fn unconstrain_in_place(manager: &SchemaManager<'_>) -> Result<(), DbErr> 
             .await?;
     }
     Ok(())
+}
+
+/// The Python system reads SQLite timestamps with SQLAlchemy's pattern, which
+/// silently drops the time of RFC 3339 text: hand them back in its own
+/// format, one keyset page at a time.
+async fn rewrite_sqlite_timestamps_for_python(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let mut after_id: Option<String> = None;
+    loop {
+        let page = db
+            .query_all(
+                &Query::select()
+                    .columns([
+                        Memories::Id,
+                        Memories::CreatedAt,
+                        Memories::UpdatedAt,
+                        Memories::LastAccessed,
+                    ])
+                    .from(Memories::Table)
+                    .and_where_option(after_id.map(|id| Expr::col(Memories::Id).gt(id)))
+                    .order_by(Memories::Id, Order::Asc)
+                    .limit(BACKFILL_BATCH)
+                    .to_owned(),
+            )
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after_id = Some(last.try_get("", "id")?);
+        let mut updates = Vec::with_capacity(page.len());
+        for row in &page {
+            let mut values = vec![Value::from(row.try_get::<String>("", "id")?)];
+            for column in LEGACY_TIMESTAMPS {
+                let python_text = legacy_timestamp(row, column)?
+                    .map(|at| at.format(PYTHON_SQLITE_TIMESTAMP).to_string());
+                values.push(python_text.into());
+            }
+            updates.push(values);
+        }
+        update_rows(db, &LEGACY_TIMESTAMPS, updates, Ids::KeysetPage).await?;
+    }
 }
 
 /// The indexes 002 adds, see [`HASHING_INDEXES`].

@@ -97,7 +97,8 @@ impl Catalog for PgCatalog {
             "SELECT table_name::text, column_name::text, data_type::text, \
              character_maximum_length::int AS length, is_nullable::text, column_default::text \
              FROM information_schema.columns \
-             WHERE table_schema = 'public' AND table_name <> 'seaql_migrations' \
+             WHERE table_schema = 'public' \
+             AND table_name NOT IN ('seaql_migrations', 'alembic_version') \
              ORDER BY table_name, ordinal_position",
         )
         .await
@@ -128,7 +129,8 @@ impl Catalog for PgCatalog {
         let indexes = query_all(
             db,
             "SELECT indexdef FROM pg_indexes \
-             WHERE schemaname = 'public' AND tablename <> 'seaql_migrations' ORDER BY indexdef",
+             WHERE schemaname = 'public' \
+             AND tablename NOT IN ('seaql_migrations', 'alembic_version') ORDER BY indexdef",
         )
         .await
         .iter()
@@ -139,7 +141,8 @@ impl Catalog for PgCatalog {
             "SELECT conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid) \
              AS line FROM pg_constraint \
              WHERE connamespace = 'public'::regnamespace \
-             AND conrelid::regclass::text <> 'seaql_migrations' ORDER BY line",
+             AND conrelid::regclass::text NOT IN ('seaql_migrations', 'alembic_version') \
+             ORDER BY line",
         )
         .await
         .iter()
@@ -253,10 +256,47 @@ async fn legacy_rows_survive_up_and_down() {
 }
 
 #[tokio::test]
-async fn up_refuses_contents_that_normalize_alike() {
+async fn backfill_matches_the_python_fixtures() {
     let database = FreshDatabase::create().await;
     let db = database.connect().await;
-    common::up_refuses_contents_that_normalize_alike::<PgCatalog>(&db).await;
+    common::backfill_matches_the_python_fixtures(&db).await;
+}
+
+#[tokio::test]
+async fn up_merges_contents_that_normalize_alike() {
+    let database = FreshDatabase::create().await;
+    let db = database.connect().await;
+    common::up_merges_contents_that_normalize_alike(&db).await;
+}
+
+#[tokio::test]
+async fn up_refuses_rows_failing_the_new_checks() {
+    let database = FreshDatabase::create().await;
+    let db = database.connect().await;
+    common::up_refuses_rows_failing_the_new_checks::<PgCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn adopts_a_python_database_at_001() {
+    let database = FreshDatabase::create().await;
+    let db = database.connect().await;
+    common::adopts_a_python_database_at_001::<PgCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn adopts_a_python_database_at_002() {
+    let database = FreshDatabase::create().await;
+    let db = database.connect().await;
+    common::adopts_a_python_database_at_002::<PgCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn refuses_unknown_schemas_untouched() {
+    for (setup, message) in common::UNKNOWN_SCHEMAS {
+        let database = FreshDatabase::create().await;
+        let db = database.connect().await;
+        common::refuses_unknown_schemas_untouched::<PgCatalog>(&db, setup, message).await;
+    }
 }
 
 /// 001's unique constraint on the full content cannot index long values on
@@ -278,7 +318,7 @@ async fn down_refuses_content_too_long_for_the_initial_unique_constraint() {
             .expect("v3 stores long content");
     }
 
-    let error = Migrator::down(&db, Some(1))
+    let error = migration::migrate_down(&db)
         .await
         .expect_err("long content must stop the downgrade");
     let message = error.to_string();
@@ -302,7 +342,7 @@ async fn down_refuses_content_too_long_for_the_initial_unique_constraint() {
     ))
     .await
     .expect("delete the long memory");
-    Migrator::down(&db, Some(1))
+    migration::migrate_down(&db)
         .await
         .expect("downgrade once the long memory is gone");
     assert_eq!(applied(&db).await, [INITIAL]);

@@ -2,8 +2,9 @@
 
 mod common;
 
-use common::{Catalog, Memory, query_all, sorted};
-use migration::sea_orm::{Database, DatabaseConnection};
+use common::{Catalog, Memory, at, get, insert_hashed, query_all, sorted};
+use migration::sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
+use migration::{Migrator, MigratorTrait};
 use tempfile::TempDir;
 
 /// A fresh database file, deleted with the returned directory.
@@ -39,7 +40,8 @@ impl Catalog for SqliteCatalog {
         let tables = query_all(
             db,
             "SELECT name, sql FROM sqlite_master WHERE type = 'table' \
-             AND name NOT LIKE 'sqlite_%' AND name <> 'seaql_migrations' ORDER BY name",
+             AND name NOT LIKE 'sqlite_%' AND name NOT IN ('seaql_migrations', 'alembic_version') \
+             ORDER BY name",
         )
         .await;
         for table in &tables {
@@ -223,7 +225,186 @@ async fn legacy_rows_survive_up_and_down() {
 }
 
 #[tokio::test]
-async fn up_refuses_contents_that_normalize_alike() {
+async fn backfill_matches_the_python_fixtures() {
     let (_dir, db) = fresh_database().await;
-    common::up_refuses_contents_that_normalize_alike::<SqliteCatalog>(&db).await;
+    common::backfill_matches_the_python_fixtures(&db).await;
+}
+
+#[tokio::test]
+async fn up_merges_contents_that_normalize_alike() {
+    let (_dir, db) = fresh_database().await;
+    common::up_merges_contents_that_normalize_alike(&db).await;
+}
+
+#[tokio::test]
+async fn up_refuses_rows_failing_the_new_checks() {
+    let (_dir, db) = fresh_database().await;
+    common::up_refuses_rows_failing_the_new_checks::<SqliteCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn adopts_a_python_database_at_001() {
+    let (_dir, db) = fresh_database().await;
+    common::adopts_a_python_database_at_001::<SqliteCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn adopts_a_python_database_at_002() {
+    let (_dir, db) = fresh_database().await;
+    common::adopts_a_python_database_at_002::<SqliteCatalog>(&db).await;
+}
+
+#[tokio::test]
+async fn refuses_unknown_schemas_untouched() {
+    for (setup, message) in common::UNKNOWN_SCHEMAS {
+        let (_dir, db) = fresh_database().await;
+        common::refuses_unknown_schemas_untouched::<SqliteCatalog>(&db, setup, message).await;
+    }
+}
+
+/// (created_at as the Python system wrote it, as the service writes it).
+const TIMESTAMP_TEXTS: [(&str, &str); 4] = [
+    // SQLAlchemy's DateTime: naive, always six fraction digits.
+    (
+        "2024-01-15 10:00:00.123456",
+        "2024-01-15T10:00:00.123456+00:00",
+    ),
+    ("2024-01-15 09:00:00.000000", "2024-01-15T09:00:00+00:00"),
+    (
+        "2024-01-15 11:00:00.120000",
+        "2024-01-15T11:00:00.120+00:00",
+    ),
+    // The CURRENT_TIMESTAMP server default: no fraction.
+    ("2024-01-15 10:00:00", "2024-01-15T10:00:00+00:00"),
+];
+
+/// SQLite compares timestamps as text, and the Python system's naive text
+/// (`2024-01-15 10:00:00`) sorts before any RFC 3339 text of the same day
+/// (`2024-01-15T09:00:00+00:00`). After the upgrade every legacy timestamp is
+/// exactly the text the service writes for that instant (naive = UTC), so
+/// ordering and comparisons with the service's bound values are right; the
+/// downgrade hands the Python system its own text back.
+#[tokio::test]
+async fn legacy_timestamps_become_the_services_text_and_back() {
+    let (_dir, db) = fresh_database().await;
+    Migrator::up(&db, Some(1)).await.expect("migrate up to 001");
+    for (n, (python_text, _)) in TIMESTAMP_TEXTS.iter().enumerate() {
+        let last_accessed = if n == 0 {
+            "NULL"
+        } else {
+            "'2024-01-16 08:00:00'"
+        };
+        db.execute_unprepared(&format!(
+            "INSERT INTO memories (id, session_id, content, created_at, updated_at, last_accessed) \
+             VALUES ('{n}', 's1', 'legacy {n}', '{python_text}', '{python_text}', {last_accessed})"
+        ))
+        .await
+        .expect("insert a legacy row");
+    }
+
+    migration::migrate_up(&db)
+        .await
+        .expect("migrate up from 001");
+    let texts = timestamp_texts(&db).await;
+    for (n, (_, service_text)) in TIMESTAMP_TEXTS.iter().enumerate() {
+        let last_accessed = (n > 0).then(|| "2024-01-16T08:00:00+00:00".to_owned());
+        assert_eq!(
+            texts[n],
+            (
+                n.to_string(),
+                service_text.to_string(),
+                service_text.to_string(),
+                last_accessed
+            )
+        );
+    }
+
+    // The service binds chrono values; sqlx writes the same text for the same instant.
+    let probe = Memory {
+        id: "probe".into(),
+        created_at: at("2024-01-15 10:00:00.123456"),
+        ..Memory::new("s2", "fact", "written by the service")
+    };
+    insert_hashed(&db, &probe).await.expect("insert a probe");
+    let probe_text: String = get(
+        &query_all(&db, "SELECT created_at FROM memories WHERE id = 'probe'").await[0],
+        "created_at",
+    );
+    assert_eq!(probe_text, TIMESTAMP_TEXTS[0].1);
+
+    // Legacy text would sort every legacy row before the probe.
+    let chronological = ids(
+        &db,
+        "SELECT id FROM memories ORDER BY created_at, id",
+        vec![],
+    )
+    .await;
+    assert_eq!(chronological, ["1", "3", "0", "probe", "2"]);
+    let later = ids(
+        &db,
+        "SELECT id FROM memories WHERE created_at > ? ORDER BY id",
+        vec![at("2024-01-15 09:59:59").into()],
+    )
+    .await;
+    assert_eq!(later, ["0", "2", "3", "probe"]);
+
+    db.execute_unprepared("DELETE FROM memories WHERE id = 'probe'")
+        .await
+        .expect("delete the probe");
+    Migrator::down(&db, Some(1))
+        .await
+        .expect("roll back the request log");
+    migration::migrate_down(&db)
+        .await
+        .expect("migrate down to 001");
+    let texts = timestamp_texts(&db).await;
+    for (n, (python_text, _)) in TIMESTAMP_TEXTS.iter().enumerate() {
+        let python_text = if python_text.len() == 19 {
+            format!("{python_text}.000000")
+        } else {
+            python_text.to_string()
+        };
+        let last_accessed = (n > 0).then(|| "2024-01-16 08:00:00.000000".to_owned());
+        assert_eq!(
+            texts[n],
+            (
+                n.to_string(),
+                python_text.clone(),
+                python_text,
+                last_accessed
+            )
+        );
+    }
+}
+
+/// (id, created_at, updated_at, last_accessed) as stored text, by id.
+async fn timestamp_texts(db: &DatabaseConnection) -> Vec<(String, String, String, Option<String>)> {
+    query_all(
+        db,
+        "SELECT id, created_at, updated_at, last_accessed FROM memories ORDER BY id",
+    )
+    .await
+    .iter()
+    .map(|row| {
+        (
+            get(row, "id"),
+            get(row, "created_at"),
+            get(row, "updated_at"),
+            get(row, "last_accessed"),
+        )
+    })
+    .collect()
+}
+
+async fn ids(db: &DatabaseConnection, sql: &str, values: Vec<migration::Value>) -> Vec<String> {
+    db.query_all_raw(Statement::from_sql_and_values(
+        DbBackend::Sqlite,
+        sql,
+        values,
+    ))
+    .await
+    .expect(sql)
+    .iter()
+    .map(|row| get(row, "id"))
+    .collect()
 }

@@ -140,6 +140,12 @@ cargo build --locked --quiet -p engram-server --bin engram -p engram-example-rus
 
 start_server "$work" >"$work/address"
 address="$(cat "$work/address")"
+# Memory calls are UNAVAILABLE until readiness says the schema is current.
+for _ in $(seq 300); do
+  "$venv/bin/grpcurl" -plaintext -d '{"service": "readiness"}' "$address" grpc.health.v1.Health/Check 2>/dev/null |
+    grep -q '"SERVING"' && break
+  sleep 0.1
+done
 echo "engram serving on $address (SQLite in $work)"
 mkdir "$work/grpcurl"
 check_grpcurl "$address" "$work/grpcurl"

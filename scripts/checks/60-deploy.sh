@@ -19,7 +19,8 @@ pip_install() {
     exit 1
   fi
 }
-[[ -x "$venv/bin/pip" ]] || python3 -m venv "$venv"
+# A venv whose interpreter is gone (moved or half-deleted) is rebuilt, not trusted.
+"$venv/bin/python" -c '' 2>/dev/null || { rm -rf "$venv"; python3 -m venv "$venv"; }
 pip_install "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "yamllint==$YAMLLINT_VERSION"
 
 if command -v kubectl >/dev/null; then

@@ -142,29 +142,42 @@ impl From<MemoryError> for Status {
                 (Code::Internal, "INTERNAL", HashMap::new(), vec![])
             }
         };
-        let message = match violations.as_slice() {
-            [] => message,
-            all => format!(
-                "{message}: {}",
-                all.iter()
-                    .map(|v| v.field.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        };
-        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
-        if !violations.is_empty() {
-            details.set_bad_request(
-                violations
-                    .into_iter()
-                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
-                    .collect::<Vec<_>>(),
-            );
-        }
-        Status::with_error_details(code, message, details)
+        status(code, message, reason, metadata, violations)
     }
 }
 
-fn resource(name: String) -> HashMap<String, String> {
+/// The one shape of every Engram error (AIP-193): the canonical code, a message that names the
+/// bad fields (never their values), ErrorInfo with the reason, and BadRequest for bad fields.
+pub fn status(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: HashMap<String, String>,
+    violations: Vec<FieldViolation>,
+) -> Status {
+    let message = match violations.as_slice() {
+        [] => message,
+        all => format!(
+            "{message}: {}",
+            all.iter()
+                .map(|v| v.field.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+    if !violations.is_empty() {
+        details.set_bad_request(
+            violations
+                .into_iter()
+                .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
+                .collect::<Vec<_>>(),
+        );
+    }
+    Status::with_error_details(code, message, details)
+}
+
+/// ErrorInfo metadata naming the resource an error is about.
+pub fn resource(name: String) -> HashMap<String, String> {
     HashMap::from([("resource".to_owned(), name)])
 }

@@ -1,7 +1,10 @@
 //! Engram's gRPC server: settings, storage, the MemoryService and the process around them.
 
+pub mod access;
+pub mod auth;
 pub mod convert;
 pub mod error;
+pub mod group_commit;
 pub mod readiness;
 pub mod secrets;
 pub mod server;

@@ -33,6 +33,9 @@ enum Command {
         /// Address to listen on, e.g. 127.0.0.1:50051.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve on a non-loopback address without authentication (refused otherwise).
+        #[arg(long)]
+        allow_unauthenticated: bool,
     },
     /// Run schema migrations and exit.
     Migrate {
@@ -53,13 +56,17 @@ enum MigrateAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let listen = match &cli.command {
-        Some(Command::Serve { listen }) => *listen,
-        _ => None,
+    let (listen, allow_unauthenticated) = match &cli.command {
+        Some(Command::Serve {
+            listen,
+            allow_unauthenticated,
+        }) => (*listen, allow_unauthenticated.then_some(true)),
+        _ => (None, None),
     };
     let overrides = Overrides {
         listen,
         database_url: cli.database_url.clone(),
+        allow_unauthenticated,
     };
     let settings = match Settings::load(cli.config.as_deref(), &overrides) {
         Ok(settings) => settings,
@@ -77,7 +84,10 @@ fn main() -> ExitCode {
         }
     };
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let outcome = match cli.command.unwrap_or(Command::Serve { listen: None }) {
+    let outcome = match cli.command.unwrap_or(Command::Serve {
+        listen: None,
+        allow_unauthenticated: false,
+    }) {
         Command::Serve { .. } => runtime.block_on(serve(settings)),
         Command::Migrate { action } => {
             runtime.block_on(migrate(settings, action.unwrap_or(MigrateAction::Up)))

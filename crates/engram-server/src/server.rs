@@ -2,6 +2,7 @@
 //! readiness watcher (which also migrates) and the sweeper running beside it.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Duration as ChronoDuration;
@@ -9,9 +10,11 @@ use engram_proto::memory::v1::memory_service_server::MemoryServiceServer;
 use engram_proto::toolconfig::v1::tool_config_service_server::ToolConfigServiceServer;
 use sea_orm::{DatabaseConnection, DbErr};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
+use tonic_reflection::pb::{v1, v1alpha};
 
+use crate::auth::{self, Authenticator};
 use crate::readiness::{self, READINESS_SERVICE};
 use crate::service::MemoryApi;
 use crate::settings::Settings;
@@ -34,7 +37,16 @@ pub enum StartError {
     #[error("{0}")]
     Metrics(String),
     #[error(transparent)]
-    ToolConfig(#[from] crate::toolconfig::SecretError),
+    Secret(#[from] crate::secrets::SecretError),
+    #[error("invalid TLS setting: {0}")]
+    Tls(String),
+    #[error("cannot read the listen address: {0}")]
+    Listen(#[source] std::io::Error),
+    #[error(
+        "refusing to serve on {0} without authentication: configure auth_tokens (ENGRAM_AUTH_TOKENS) \
+         or set ENGRAM_ALLOW_UNAUTHENTICATED=true (--allow-unauthenticated)"
+    )]
+    Unauthenticated(std::net::SocketAddr),
 }
 
 /// Brings the schema up to date (the binary's `migrate` and `serve` both use this): under
@@ -61,6 +73,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
     let tool_config = crate::toolconfig::ToolConfigApi::start(&settings).await?;
+    let authenticator = Authenticator::start(
+        &settings.auth_tokens,
+        &settings.auth_clients,
+        auth::quota(settings.rate_limit_per_second, settings.rate_limit_burst),
+    )
+    .await?;
+    let listening_on = listener.local_addr().map_err(StartError::Listen)?;
+    if !listening_on.ip().is_loopback()
+        && !authenticator.is_enforcing()
+        && !settings.allow_unauthenticated
+    {
+        return Err(StartError::Unauthenticated(listening_on));
+    }
     let db = store::connect(&settings.database_url, settings.database_max_connections)
         .await
         .map_err(StartError::Connect)?;
@@ -68,6 +93,7 @@ pub async fn serve(
         crate::telemetry::serve_metrics(address).map_err(StartError::Metrics)?;
     }
     let store = MemoryStore::new(db.clone(), policy(&settings));
+    let store_at_exit = store.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -76,17 +102,24 @@ pub async fn serve(
     health
         .set_not_serving::<MemoryServiceServer<MemoryApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = if settings.reflection {
+        let (v1, v1alpha) = reflection()?;
+        (Some(v1), Some(v1alpha))
+    } else {
+        (None, None)
+    };
 
     let (ready_flag, ready) = tokio::sync::watch::channel(false);
+    let ready_for_calls = ready.clone();
+    let refresher = authenticator.clone();
     let background = [
+        // File-backed tokens are re-read, so a rotated Secret takes effect without a restart.
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(auth::TOKEN_REFRESH_INTERVAL).await;
+                refresher.refresh().await;
+            }
+        }),
         tokio::spawn(readiness::watch(
             db,
             health.clone(),
@@ -131,23 +164,42 @@ pub async fn serve(
         }
     };
 
-    let address = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    tracing::info!(%address, "engram serving");
-    let server = tonic::transport::Server::builder()
+    tracing::info!(address = %listening_on, "engram serving");
+    let max_message = settings.max_message_bytes as usize;
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&settings)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         // Clients reconnect now and then, so new replicas behind a Kubernetes Service get
         // their share of long-lived HTTP/2 connections; the grace lets calls finish.
         .max_connection_age(MAX_CONNECTION_AGE)
         .max_connection_age_grace(MAX_CONNECTION_AGE_GRACE)
+        .timeout(Duration::from_secs(u64::from(
+            settings.request_timeout_seconds,
+        )))
+        .concurrency_limit_per_connection(settings.max_concurrent_requests_per_connection as usize)
+        .load_shed(true)
         .layer(RpcObservabilityLayer)
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(MemoryServiceServer::new(MemoryApi::new(store, &settings)))
-        .add_service(ToolConfigServiceServer::new(tool_config))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stopped_accepting());
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
+        .add_service(InterceptedService::new(
+            MemoryServiceServer::new(MemoryApi::new(store, &settings))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+            admission(authenticator.clone(), Access::Memories(ready_for_calls)),
+        ))
+        .add_service(InterceptedService::new(
+            ToolConfigServiceServer::new(tool_config),
+            admission(authenticator, Access::AdminOnly),
+        ))
+        // TCP_NODELAY: a response goes out in several small writes; Nagle would hold the
+        // last ones for the client's delayed ACK (40 ms a call).
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped_accepting(),
+        );
     let finish = Duration::from_secs(u64::from(settings.shutdown_timeout_seconds));
     let result = tokio::select! {
         result = server => result,
@@ -156,6 +208,102 @@ pub async fn serve(
             Ok(())
         }
     };
+    // Accesses are written behind: the last ones go to the database before the process ends.
+    if let Err(error) = store_at_exit.flush_accesses().await {
+        tracing::warn!(%error, "writing the last access counts failed");
+    }
     tracing::info!("engram stopped");
     Ok(result?)
+}
+
+/// Reflection v1 and v1alpha (grpcurl speaks only v1alpha) over every Engram and health proto.
+#[allow(
+    clippy::type_complexity,
+    reason = "the reflection services' own opaque types"
+)]
+fn reflection() -> Result<
+    (
+        v1::server_reflection_server::ServerReflectionServer<
+            impl v1::server_reflection_server::ServerReflection,
+        >,
+        v1alpha::server_reflection_server::ServerReflectionServer<
+            impl v1alpha::server_reflection_server::ServerReflection,
+        >,
+    ),
+    StartError,
+> {
+    let v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(engram_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Ok((v1, v1alpha))
+}
+
+/// Who may call a service, and when.
+#[derive(Clone)]
+enum Access {
+    /// Memory calls need the database: refused as UNAVAILABLE until readiness says so.
+    Memories(tokio::sync::watch::Receiver<bool>),
+    /// Admins only, whatever the database does.
+    AdminOnly,
+}
+
+/// Authenticates each call (tokens, then the tenant's rate limit) and hands the caller to
+/// the service in the request's extensions.
+fn admission(
+    authenticator: Arc<Authenticator>,
+    access: Access,
+) -> impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone {
+    move |mut request: tonic::Request<()>| {
+        let certificates = request.peer_certs();
+        let client_certificate = certificates
+            .as_deref()
+            .and_then(|chain| chain.first())
+            .map(|der| der.as_ref());
+        let caller = authenticator.authenticate(request.metadata(), client_certificate)?;
+        match &access {
+            Access::Memories(ready) if !*ready.borrow() => return Err(not_ready()),
+            Access::Memories(_) => {}
+            Access::AdminOnly => auth::require_admin(&caller)?,
+        }
+        authenticator.admit(&caller)?;
+        request.extensions_mut().insert(caller);
+        Ok(request)
+    }
+}
+
+/// A call that reached a replica before its database or schema is ready: retry elsewhere.
+fn not_ready() -> tonic::Status {
+    crate::error::status(
+        tonic::Code::Unavailable,
+        "the service is not ready: its database is unreachable or its schema is not current"
+            .to_owned(),
+        "NOT_READY",
+        Default::default(),
+        Vec::new(),
+    )
+}
+
+/// The TLS identity, and the client CA that makes it mutual, when the settings name them.
+fn tls_config(
+    settings: &Settings,
+) -> Result<Option<tonic::transport::ServerTlsConfig>, StartError> {
+    let (Some(cert_file), Some(key_file)) = (&settings.tls_cert_file, &settings.tls_key_file)
+    else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path)
+            .map_err(|error| StartError::Tls(format!("cannot read {}: {error}", path.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(cert_file)?, read(key_file)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca_file) = &settings.tls_client_ca_file {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca_file)?));
+    }
+    Ok(Some(config))
 }

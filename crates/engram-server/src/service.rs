@@ -9,7 +9,9 @@ use engram_domain::limits::{
     RETRIEVE_MAX_PAGE_SIZE, SIMHASH_MAX_DISTANCE,
 };
 use engram_domain::memory::ContentType;
-use engram_domain::names::{SessionId, parse_memory_name, parse_session_name, parse_session_scope};
+use engram_domain::names::{
+    SessionId, SessionScope, parse_memory_name, parse_session_name, parse_session_scope,
+};
 use engram_domain::paging::{
     PageTokenError, decode_page_token, encode_page_token, request_fingerprint,
 };
@@ -19,6 +21,7 @@ use prost::Message;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller};
 use crate::convert::{self, View};
 use crate::error::MemoryError;
 use crate::settings::Settings;
@@ -49,27 +52,37 @@ impl MemoryApi {
             soft_delete_retention: self.soft_delete_retention,
         }
     }
+}
 
-    fn store_response(&self, view: View, outcome: StoreOutcome) -> pb::StoreMemoryResponse {
-        let StoreOutcome {
-            memory,
-            deduplicated,
-            similar,
-            evicted,
-        } = outcome;
-        pb::StoreMemoryResponse {
-            memory: Some(view.memory(&memory)),
-            deduplicated,
-            similar_memories: similar
-                .iter()
-                .map(|(memory, distance)| pb::SimilarMemory {
-                    memory: Some(view.memory(memory)),
-                    distance: *distance as i32,
-                })
-                .collect(),
-            evicted_memories: evicted,
-        }
+/// A StoreMemoryResponse; also built by the group-commit writer, so it borrows nothing.
+fn store_response(view: View, outcome: StoreOutcome) -> pb::StoreMemoryResponse {
+    let StoreOutcome {
+        memory,
+        deduplicated,
+        similar,
+        evicted,
+    } = outcome;
+    pb::StoreMemoryResponse {
+        memory: Some(view.memory(&memory)),
+        deduplicated,
+        similar_memories: similar
+            .iter()
+            .map(|(memory, distance)| pb::SimilarMemory {
+                memory: Some(view.memory(memory)),
+                distance: *distance as i32,
+            })
+            .collect(),
+        evicted_memories: evicted,
     }
+}
+
+/// The caller the admission interceptor authenticated.
+fn caller<T>(request: &Request<T>) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .expect("the admission interceptor runs first")
 }
 
 /// Database timestamps keep microseconds; so does every time Engram hands out.
@@ -156,9 +169,9 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let view = self.view(now);
         let response = self
             .store
-            .store(&session, &[memory], now, record, |outcomes| {
+            .store(session, vec![memory], now, record, move |outcomes| {
                 let outcome = outcomes.into_iter().next().expect("one outcome per memory");
-                self.store_response(view, outcome)
+                store_response(view, outcome)
             })
             .await?;
         Ok(Response::new(response))
@@ -222,11 +235,11 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let view = self.view(now);
         let response = self
             .store
-            .store(&session, &memories, now, record, |outcomes| {
+            .store(session, memories, now, record, move |outcomes| {
                 pb::BatchStoreMemoriesResponse {
                     responses: outcomes
                         .into_iter()
-                        .map(|outcome| self.store_response(view, outcome))
+                        .map(|outcome| store_response(view, outcome))
                         .collect(),
                 }
             })
@@ -393,6 +406,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::PurgeMemoriesRequest>,
     ) -> Result<Response<pb::PurgeMemoriesResponse>, Status> {
         let now = now();
+        let caller = caller(&request);
         let pb::PurgeMemoriesRequest {
             parent,
             filter,
@@ -400,6 +414,9 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         } = request.into_inner();
         let mut violations = Violations::default();
         let sessions = violations.check(parse_session_scope("parent", &parent));
+        if sessions == Some(SessionScope::All) {
+            auth::require_admin(&caller)?;
+        }
         let scope = violations
             .check(parse_purge_filter(&filter).map_err(|why| FieldViolation::new("filter", why)));
         invalid(violations)?;

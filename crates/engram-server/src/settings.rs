@@ -4,7 +4,7 @@
 //! (`tools`, see `crate::toolconfig::settings`).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -47,6 +47,33 @@ pub struct Settings {
     pub shutdown_drain_seconds: u32,
     /// Seconds in-flight calls get to finish after that before the process exits anyway.
     pub shutdown_timeout_seconds: u32,
+    /// Bearer tokens, each mapped to a tenant and a role; none leaves the service open.
+    /// From the TOML file's `[[auth_tokens]]` or ENGRAM_AUTH_TOKENS (`TENANT:ROLE:REF;...`).
+    #[serde(default, skip_serializing)]
+    pub auth_tokens: Vec<crate::auth::TokenSetting>,
+    /// Client certificates (common name -> tenant and role), when a client CA is configured.
+    /// From the TOML file's `[[auth_clients]]` or ENGRAM_AUTH_CLIENTS (`CN:TENANT:ROLE;...`).
+    #[serde(default, skip_serializing)]
+    pub auth_clients: Vec<crate::auth::ClientSetting>,
+    /// PEM certificate chain and private key: serve TLS (rustls) instead of plaintext.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA of client certificates: require mutual TLS.
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// Serve on a non-loopback address without authentication (refused otherwise).
+    pub allow_unauthenticated: bool,
+    /// Serve gRPC server reflection (v1 and v1alpha) for grpcurl and similar tools.
+    pub reflection: bool,
+    /// Largest request or response message, in bytes.
+    pub max_message_bytes: u32,
+    /// Longest a call may run before it is cancelled, in seconds.
+    pub request_timeout_seconds: u32,
+    /// Calls in flight per connection; further ones are shed with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests_per_connection: u32,
+    /// Calls a second per tenant (0: no limit); over it, RESOURCE_EXHAUSTED with RetryInfo.
+    pub rate_limit_per_second: u32,
+    /// Calls a tenant may make at once above its rate.
+    pub rate_limit_burst: u32,
     /// The deployment (`ENVIRONMENT`); `production` refuses literal API keys.
     pub environment: String,
     /// The reference design's tool settings: the `[tools]` table, its names in the environment.
@@ -73,6 +100,18 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             shutdown_drain_seconds: 0,
             shutdown_timeout_seconds: 25,
+            auth_tokens: Vec::new(),
+            auth_clients: Vec::new(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            allow_unauthenticated: false,
+            reflection: true,
+            max_message_bytes: 4 * 1024 * 1024,
+            request_timeout_seconds: 30,
+            max_concurrent_requests_per_connection: 256,
+            rate_limit_per_second: 0,
+            rate_limit_burst: 100,
             environment: "development".to_owned(),
             tools: ToolSettings::default(),
         }
@@ -90,7 +129,17 @@ const UNPREFIXED_ENV: [(&str, EnvKind); 6] = [
     ("memory_importance_threshold", EnvKind::Number),
 ];
 /// Engram's own settings, read from `ENGRAM_`-prefixed variables.
-const PREFIXED_ENV: [&str; 11] = [
+const PREFIXED_ENV: [&str; 21] = [
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "allow_unauthenticated",
+    "reflection",
+    "max_message_bytes",
+    "request_timeout_seconds",
+    "max_concurrent_requests_per_connection",
+    "rate_limit_per_second",
+    "rate_limit_burst",
     "migrate_on_start",
     "metrics_listen",
     "log_format",
@@ -111,6 +160,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database_url: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow_unauthenticated: Option<bool>,
 }
 
 impl Settings {
@@ -123,7 +174,7 @@ impl Settings {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        let settings: Settings = figment
+        let mut settings: Settings = figment
             .merge(SeedEnv::new(
                 UNPREFIXED_ENV
                     .iter()
@@ -134,6 +185,17 @@ impl Settings {
             .merge(Serialized::defaults(overrides))
             .extract()
             .map_err(explain)?;
+        // `TENANT:ROLE:REFERENCE;...` is no figment value: read it as written.
+        if let Ok(raw) = std::env::var("ENGRAM_AUTH_TOKENS") {
+            settings.auth_tokens = crate::auth::parse_token_list(&raw).map_err(|why| {
+                format!("invalid setting auth_tokens (ENGRAM_AUTH_TOKENS): {why}")
+            })?;
+        }
+        if let Ok(raw) = std::env::var("ENGRAM_AUTH_CLIENTS") {
+            settings.auth_clients = crate::auth::parse_client_list(&raw).map_err(|why| {
+                format!("invalid setting auth_clients (ENGRAM_AUTH_CLIENTS): {why}")
+            })?;
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -185,6 +247,50 @@ impl Settings {
             1,
             600,
         )?;
+        check_range(
+            "max_message_bytes",
+            self.max_message_bytes,
+            1024,
+            64 * 1024 * 1024,
+        )?;
+        check_range(
+            "request_timeout_seconds",
+            self.request_timeout_seconds,
+            1,
+            3600,
+        )?;
+        check_range(
+            "max_concurrent_requests_per_connection",
+            self.max_concurrent_requests_per_connection,
+            1,
+            100_000,
+        )?;
+        check_range(
+            "rate_limit_per_second",
+            self.rate_limit_per_second,
+            0,
+            1_000_000,
+        )?;
+        check_range("rate_limit_burst", self.rate_limit_burst, 1, 1_000_000)?;
+        for (index, token) in self.auth_tokens.iter().enumerate() {
+            crate::auth::validate_tenant(&token.tenant).map_err(|why| {
+                format!("invalid setting auth_tokens[{index}] (ENGRAM_AUTH_TOKENS): {why}")
+            })?;
+        }
+        for (index, client) in self.auth_clients.iter().enumerate() {
+            crate::auth::validate_tenant(&client.tenant).map_err(|why| {
+                format!("invalid setting auth_clients[{index}] (ENGRAM_AUTH_CLIENTS): {why}")
+            })?;
+        }
+        if self.tls_cert_file.is_some() != self.tls_key_file.is_some() {
+            return Err("invalid setting tls_cert_file/tls_key_file (ENGRAM_TLS_CERT_FILE, ENGRAM_TLS_KEY_FILE): set both or neither".to_owned());
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err("invalid setting tls_client_ca_file (ENGRAM_TLS_CLIENT_CA_FILE): mutual TLS needs tls_cert_file and tls_key_file".to_owned());
+        }
+        if !self.auth_clients.is_empty() && self.tls_client_ca_file.is_none() {
+            return Err("invalid setting auth_clients (ENGRAM_AUTH_CLIENTS): client certificates need tls_client_ca_file".to_owned());
+        }
         let url = self.database_url.as_str();
         if !(url.starts_with("sqlite:")
             || url.starts_with("postgres://")

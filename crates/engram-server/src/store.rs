@@ -1,10 +1,15 @@
 //! The memories table, read and written in transactions. All of Engram's SQL lives here.
 //!
-//! Writers of one session are serialized (PostgreSQL: a transaction-scoped advisory lock;
-//! SQLite: `BEGIN IMMEDIATE`), so the session cap and content checks hold under concurrency.
-//! Exact duplicates are decided by the unique constraint, never by a check before insert.
+//! Writers of one session are serialized (PostgreSQL: transaction-scoped advisory locks;
+//! SQLite: `BEGIN IMMEDIATE`), so the session cap and content checks hold under concurrency,
+//! across replicas too. Exact duplicates are decided by the unique constraint, never by a
+//! check before insert. Stores are written in groups (`crate::group_commit`): one
+//! transaction and a few set-based statements for every store queued meanwhile. Accesses are
+//! written behind (`crate::access`).
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::{Arc, Weak};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
@@ -15,16 +20,18 @@ use engram_domain::names::{MemoryName, SessionId, SessionScope};
 use engram_domain::paging::PageCursor;
 use engram_domain::ranking::{Ranked, choose_evictions, effective_importance, rank_descending};
 use engram_domain::{etag, limits, text};
-use sea_orm::sea_query::{Expr, ExprTrait, Query};
+use sea_orm::sea_query::{Expr, OnConflict, Query};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectOptions, ConnectionTrait, Database,
-    DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, IntoActiveModel,
-    PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, SqliteTransactionMode, Statement,
-    TransactionOptions, TransactionTrait, TryInsertResult,
+    ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
+    Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
 };
 
+use crate::access::{AccessTracker, Accesses, Tracked};
 use crate::error::MemoryError;
+use crate::group_commit::{PendingStore, StoreQueue};
 
 use row::{Column, Entity as Memories};
 
@@ -41,11 +48,86 @@ pub struct Policy {
 const REQUEST_LOG_RETENTION_HOURS: i64 = 24;
 /// Rows deleted per statement by the sweeper, so no sweep holds a long lock.
 const SWEEP_BATCH: u64 = 1000;
+/// How often counted accesses are written to the database: what a crash can lose.
+const ACCESS_FLUSH_INTERVAL: StdDuration = StdDuration::from_secs(1);
+/// Accesses written per statement.
+const ACCESS_FLUSH_CHUNK: usize = 500;
+/// Merged twins written per statement.
+const MERGE_CHUNK: usize = 200;
+/// Memories inserted per statement (14 values each, well below every parameter limit).
+const INSERT_CHUNK: usize = 256;
 
 #[derive(Clone)]
 pub struct MemoryStore {
     db: DatabaseConnection,
     policy: Policy,
+    accesses: Arc<AccessTracker>,
+    stores: StoreQueue,
+}
+
+/// What the group-commit writer needs: the database, the rules and the access counts.
+#[derive(Clone)]
+pub struct Tables {
+    db: DatabaseConnection,
+    policy: Policy,
+    accesses: Arc<AccessTracker>,
+}
+
+/// A live memory as the session cap and the near-duplicate check see it: no content, no
+/// metadata, so a session's hundred memories load cheaply.
+#[derive(Debug, Clone)]
+struct LiveMemory {
+    id: String,
+    semantic_hash: Option<u64>,
+    importance: f64,
+    access_count: i32,
+    created_at: DateTime<Utc>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+impl LiveMemory {
+    fn from_model(memory: &row::Model) -> Self {
+        Self {
+            id: memory.id.clone(),
+            semantic_hash: memory
+                .semantic_hash
+                .as_deref()
+                .and_then(text::parse_semantic_hash),
+            importance: memory.importance,
+            access_count: memory.access_count,
+            created_at: memory.created_at,
+            expires_at: memory.expires_at,
+        }
+    }
+
+    fn is_visible_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
+    }
+
+    fn ranked(&self, now: DateTime<Utc>) -> Ranked<'_> {
+        Ranked {
+            id: &self.id,
+            created_at: self.created_at,
+            effective_importance: effective_importance(
+                self.importance,
+                self.created_at,
+                i64::from(self.access_count),
+                now,
+            ),
+        }
+    }
+}
+
+impl Tracked for LiveMemory {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn add_accesses(&mut self, accesses: Accesses) {
+        self.access_count = self
+            .access_count
+            .saturating_add(i32::try_from(accesses.count).unwrap_or(i32::MAX));
+    }
 }
 
 /// One stored memory and what the store noticed about it.
@@ -114,6 +196,8 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
                 .busy_timeout(StdDuration::from_secs(30))
+                // Deleted rows are overwritten with zeros, so erased text leaves no trace in free pages.
+                .pragma("secure_delete", "on")
         });
     Database::connect(options).await
 }
@@ -154,133 +238,67 @@ fn by_name(name: &MemoryName) -> Condition {
 }
 
 impl MemoryStore {
+    /// The store, its group-commit writer and its access flusher (both run on the caller's
+    /// tokio runtime and stop with the last clone of the store).
     pub fn new(db: DatabaseConnection, policy: Policy) -> Self {
-        Self { db, policy }
+        let accesses = Arc::new(AccessTracker::default());
+        tokio::spawn(flush_accesses_every(
+            db.clone(),
+            Arc::downgrade(&accesses),
+            ACCESS_FLUSH_INTERVAL,
+        ));
+        let stores = StoreQueue::start(Tables {
+            db: db.clone(),
+            policy,
+            accesses: accesses.clone(),
+        });
+        Self {
+            db,
+            policy,
+            accesses,
+            stores,
+        }
     }
 
     pub fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
 
-    /// A write transaction holding the session's writer lock.
-    async fn begin_session_write(&self, session: &SessionId) -> Result<DatabaseTransaction, DbErr> {
-        let transaction = self
-            .db
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..TransactionOptions::default()
-            })
-            .await?;
-        if transaction.get_database_backend() == DbBackend::Postgres {
-            transaction
-                .execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Postgres,
-                    "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
-                    [format!("engram/session/{}", session.as_str()).into()],
-                ))
-                .await?;
-        }
-        Ok(transaction)
+    /// Writes the accesses counted so far (at shutdown; otherwise every second).
+    pub async fn flush_accesses(&self) -> Result<(), DbErr> {
+        flush_accesses(&self.db, &self.accesses).await
     }
 
-    /// Stores memories of one session atomically. `respond` builds the response from the
-    /// outcomes; with a request record, that response is kept and a retry gets it back.
-    pub async fn store<R: prost::Message + Default>(
+    /// Stores memories of one session atomically, committed together with the other stores
+    /// queued meanwhile. `respond` builds the response from the outcomes; with a request
+    /// record, that response is kept and a retry gets it back.
+    pub async fn store<R, F>(
         &self,
-        session: &SessionId,
-        memories: &[NewMemory],
+        session: SessionId,
+        memories: Vec<NewMemory>,
         now: DateTime<Utc>,
         record: Option<RequestRecord>,
-        respond: impl FnOnce(Vec<StoreOutcome>) -> R,
-    ) -> Result<R, MemoryError> {
-        let transaction = self.begin_session_write(session).await?;
-        if let Some(record) = &record
-            && let Some(replayed) = replay(&transaction, record).await?
-        {
-            return Ok(replayed);
-        }
-        let mut stored = Vec::with_capacity(memories.len());
-        for memory in memories {
-            stored.push(insert_or_merge(&transaction, session, memory, now).await?);
-        }
-        let mut live = Memories::find()
-            .filter(in_session(session))
-            .filter(live_at(now))
-            .all(&transaction)
-            .await?;
-        let evicted = self
-            .evict_over_cap(&transaction, session, &mut live, now)
-            .await?;
-        let outcomes = stored
-            .into_iter()
-            .map(|(memory, deduplicated)| StoreOutcome {
-                similar: self.similar_to(&memory, &live, self.policy.similarity_max_distance),
-                evicted: evicted.clone(),
-                memory,
-                deduplicated,
-            })
-            .collect();
-        let response = respond(outcomes);
-        if let Some(record) = record {
-            memory_request::ActiveModel {
-                request_id: sea_orm::Set(record.request_id),
-                request_digest: sea_orm::Set(record.digest),
-                response: sea_orm::Set(response.encode_to_vec()),
-                created_at: sea_orm::Set(now),
-            }
-            .insert(&transaction)
-            .await?;
-        }
-        transaction.commit().await?;
-        Ok(response)
+        respond: F,
+    ) -> Result<R, MemoryError>
+    where
+        R: prost::Message + Default + Send + Sync + 'static,
+        F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
+    {
+        self.stores
+            .store(session, memories, now, record, respond)
+            .await
     }
 
-    /// Hard-deletes the least important live memories beyond the cap; returns their names.
-    async fn evict_over_cap(
-        &self,
-        transaction: &DatabaseTransaction,
-        session: &SessionId,
-        live: &mut Vec<row::Model>,
-        now: DateTime<Utc>,
-    ) -> Result<Vec<String>, DbErr> {
-        if live.len() <= self.policy.max_entries {
-            return Ok(Vec::new());
+    /// After a purge: SQLite's write-ahead log still holds pre-purge copies of the pages, so
+    /// checkpoint it into the (securely deleted) database file and truncate it. PostgreSQL keeps
+    /// dead tuples until VACUUM reuses their space; see README "Erasure".
+    async fn erase_freed_pages(&self) -> Result<(), DbErr> {
+        if self.db.get_database_backend() == DbBackend::Sqlite {
+            self.db
+                .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+                .await?;
         }
-        let ranked: Vec<Ranked> = live.iter().map(|memory| ranked(memory, now)).collect();
-        let evicted: Vec<String> = choose_evictions(&ranked, self.policy.max_entries)
-            .into_iter()
-            .map(str::to_owned)
-            .collect();
-        Memories::delete_many()
-            .filter(Column::Id.is_in(evicted.clone()))
-            .exec(transaction)
-            .await?;
-        live.retain(|memory| !evicted.contains(&memory.id));
-        Ok(evicted
-            .iter()
-            .map(|id| MemoryName::format(session.as_str(), id))
-            .collect())
-    }
-
-    /// Live memories of the session within `max_distance` of `memory`, nearest first.
-    fn similar_to(
-        &self,
-        memory: &row::Model,
-        live: &[row::Model],
-        max_distance: u32,
-    ) -> Vec<(row::Model, u32)> {
-        let Some(hash) = memory
-            .semantic_hash
-            .as_deref()
-            .and_then(text::parse_semantic_hash)
-        else {
-            return Vec::new();
-        };
-        nearest(
-            hash,
-            live.iter().filter(|other| other.id != memory.id),
-            max_distance,
-        )
+        Ok(())
     }
 
     pub async fn get(
@@ -288,11 +306,20 @@ impl MemoryStore {
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        Memories::find()
-            .filter(by_name(name))
-            .filter(visible_at(now))
-            .one(&self.db)
-            .await?
+        let found = self
+            .accesses
+            .read(|| async move {
+                let memory = Memories::find()
+                    .filter(by_name(name))
+                    .filter(visible_at(now))
+                    .one(&self.db)
+                    .await?;
+                Ok(Vec::from_iter(memory))
+            })
+            .await?;
+        found
+            .into_iter()
+            .next()
             .ok_or_else(|| MemoryError::NotFound {
                 name: name.to_string(),
             })
@@ -326,12 +353,11 @@ impl MemoryStore {
                     ),
             );
         }
-        let mut page = select
+        let select = select
             .order_by_asc(Column::CreatedAt)
             .order_by_asc(Column::Id)
-            .limit(query.page_size as u64 + 1)
-            .all(&self.db)
-            .await?;
+            .limit(query.page_size as u64 + 1);
+        let mut page = self.accesses.read(|| select.clone().all(&self.db)).await?;
         let next = (page.len() > query.page_size).then(|| {
             page.truncate(query.page_size);
             let last = page.last().expect("a full page");
@@ -350,7 +376,7 @@ impl MemoryStore {
         changes: Changes,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = self.begin_session_write(&name.session_id).await?;
+        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
         let current = self
             .writable(&transaction, name, expected_etag, now)
             .await?;
@@ -382,11 +408,7 @@ impl MemoryStore {
             updated.expires_at = Some(expires_at);
         }
         updated.updated_at = now;
-        let updated = updated
-            .into_active_model()
-            .reset_all()
-            .update(&transaction)
-            .await?;
+        let updated = write_back(&transaction, updated).await?;
         transaction.commit().await?;
         Ok(updated)
     }
@@ -397,18 +419,18 @@ impl MemoryStore {
         expected_etag: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = self.begin_session_write(&name.session_id).await?;
+        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
         let current = self
             .writable(&transaction, name, expected_etag, now)
             .await?;
-        let deleted = row::Model {
-            deleted_at: Some(now),
-            updated_at: now,
-            ..current
-        }
-        .into_active_model()
-        .reset_all()
-        .update(&transaction)
+        let deleted = write_back(
+            &transaction,
+            row::Model {
+                deleted_at: Some(now),
+                updated_at: now,
+                ..current
+            },
+        )
         .await?;
         transaction.commit().await?;
         Ok(deleted)
@@ -419,31 +441,50 @@ impl MemoryStore {
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = self.begin_session_write(&name.session_id).await?;
-        let current = Memories::find()
-            .filter(by_name(name))
-            .filter(visible_at(now))
-            .one(&transaction)
-            .await?
-            .ok_or_else(|| MemoryError::NotFound {
-                name: name.to_string(),
-            })?;
+        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
+        let current = self.visible(&transaction, name, now).await?;
         if current.deleted_at.is_none() {
             return Err(MemoryError::NotDeleted {
                 name: name.to_string(),
             });
         }
-        let restored = row::Model {
-            deleted_at: None,
-            updated_at: now,
-            ..current
-        }
-        .into_active_model()
-        .reset_all()
-        .update(&transaction)
+        let restored = write_back(
+            &transaction,
+            row::Model {
+                deleted_at: None,
+                updated_at: now,
+                ..current
+            },
+        )
         .await?;
         transaction.commit().await?;
         Ok(restored)
+    }
+
+    /// A visible memory (deleted or not), with the accesses not yet written.
+    async fn visible(
+        &self,
+        transaction: &DatabaseTransaction,
+        name: &MemoryName,
+        now: DateTime<Utc>,
+    ) -> Result<row::Model, MemoryError> {
+        let found = self
+            .accesses
+            .read(|| async move {
+                let memory = Memories::find()
+                    .filter(by_name(name))
+                    .filter(visible_at(now))
+                    .one(transaction)
+                    .await?;
+                Ok(Vec::from_iter(memory))
+            })
+            .await?;
+        found
+            .into_iter()
+            .next()
+            .ok_or_else(|| MemoryError::NotFound {
+                name: name.to_string(),
+            })
     }
 
     /// A visible, live memory whose etag matches when one is given.
@@ -454,14 +495,7 @@ impl MemoryStore {
         expected_etag: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let current = Memories::find()
-            .filter(by_name(name))
-            .filter(visible_at(now))
-            .one(transaction)
-            .await?
-            .ok_or_else(|| MemoryError::NotFound {
-                name: name.to_string(),
-            })?;
+        let current = self.visible(transaction, name, now).await?;
         if current.deleted_at.is_some() {
             return Err(MemoryError::Deleted {
                 name: name.to_string(),
@@ -491,7 +525,7 @@ impl MemoryStore {
         let transaction = match sessions {
             SessionScope::One(session) => {
                 condition = condition.add(Column::SessionId.eq(session.as_str()));
-                self.begin_session_write(session).await?
+                begin_write(&self.db, [session.as_str()]).await?
             }
             SessionScope::All => self.db.begin().await?,
         };
@@ -517,10 +551,14 @@ impl MemoryStore {
                 .await?
         };
         transaction.commit().await?;
+        if force && count > 0 {
+            self.erase_freed_pages().await?;
+        }
         Ok((count, sample))
     }
 
-    /// The most important live memories, with their access recorded.
+    /// The most important live memories, with their access recorded. Ranks the session's
+    /// memories on a few columns, then loads the chosen ones whole.
     pub async fn retrieve(
         &self,
         session: &SessionId,
@@ -529,17 +567,21 @@ impl MemoryStore {
         limit: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<row::Model>, MemoryError> {
-        let mut select = Memories::find()
-            .filter(in_session(session))
-            .filter(live_at(now));
+        let mut condition = in_session(session).add(live_at(now));
         if !content_types.is_empty() {
-            select = select
-                .filter(Column::ContentType.is_in(content_types.iter().map(|kind| kind.as_str())));
+            condition = condition
+                .add(Column::ContentType.is_in(content_types.iter().map(|kind| kind.as_str())));
         }
-        let candidates = select.all(&self.db).await?;
+        let candidates: Vec<LiveMemory> = self
+            .accesses
+            .read(|| load_live(&self.db, condition.clone()))
+            .await?
+            .into_iter()
+            .map(|SessionLive(_, memory)| memory)
+            .collect();
         let mut ranking: Vec<Ranked> = candidates
             .iter()
-            .map(|memory| ranked(memory, now))
+            .map(|memory| memory.ranked(now))
             .filter(|memory| memory.effective_importance >= min_importance)
             .collect();
         rank_descending(&mut ranking);
@@ -547,24 +589,31 @@ impl MemoryStore {
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        Memories::update_many()
-            .col_expr(Column::AccessCount, Expr::col(Column::AccessCount).add(1))
-            .col_expr(Column::LastAccessed, Expr::value(now))
+        let mut whole: HashMap<String, row::Model> = Memories::find()
             .filter(Column::Id.is_in(chosen.iter().copied()))
-            .exec(&self.db)
-            .await?;
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|memory| (memory.id.clone(), memory))
+            .collect();
         let mut by_rank = Vec::with_capacity(chosen.len());
-        for id in &chosen {
-            let memory = candidates
+        for id in chosen {
+            // Gone since the ranking (deleted meanwhile): not returned, not counted.
+            let Some(memory) = whole.remove(id) else {
+                continue;
+            };
+            let seen = candidates
                 .iter()
-                .find(|memory| memory.id == *id)
+                .find(|candidate| candidate.id == id)
                 .expect("chosen from candidates");
             by_rank.push(row::Model {
-                access_count: memory.access_count.saturating_add(1),
+                access_count: seen.access_count.saturating_add(1),
                 last_accessed: Some(now),
-                ..memory.clone()
+                ..memory
             });
         }
+        self.accesses
+            .record(by_rank.iter().map(|memory| memory.id.as_str()), now);
         Ok(by_rank)
     }
 
@@ -575,12 +624,33 @@ impl MemoryStore {
         max_distance: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<(row::Model, u32)>, MemoryError> {
-        let live = Memories::find()
-            .filter(in_session(session))
-            .filter(live_at(now))
-            .all(&self.db)
+        let live = self
+            .accesses
+            .read(|| load_live(&self.db, in_session(session).add(live_at(now))))
             .await?;
-        Ok(nearest(semantic_hash, live.iter(), max_distance))
+        let near = nearest(
+            semantic_hash,
+            live.iter().map(|SessionLive(_, memory)| memory),
+            max_distance,
+        );
+        if near.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut whole = self
+            .accesses
+            .read(|| {
+                Memories::find()
+                    .filter(Column::Id.is_in(near.iter().map(|(id, _)| id.as_str())))
+                    .all(&self.db)
+            })
+            .await?;
+        Ok(near
+            .into_iter()
+            .filter_map(|(id, distance)| {
+                let at = whole.iter().position(|memory| memory.id == id)?;
+                Some((whole.swap_remove(at), distance))
+            })
+            .collect())
     }
 
     /// Removes expired memories, soft-deleted ones past their purge_time, memories unused for
@@ -641,14 +711,396 @@ impl MemoryStore {
     }
 }
 
-/// Inserts the memory, or merges it into the twin the unique constraint found.
-async fn insert_or_merge(
+/// One call of a group as the writer sees it once its rows are written.
+struct WrittenCall {
+    /// Index of the call in the group.
+    call: usize,
+    /// The memory each of its requests ended as, and whether it was a twin's merge.
+    stored: Vec<(row::Model, bool)>,
+    /// Near-duplicates of each stored memory: (id, distance, the row if this group wrote it).
+    similar: Vec<Vec<(String, u32, Option<row::Model>)>>,
+    evicted: Vec<String>,
+}
+
+impl Tables {
+    /// Writes a group of store calls in one transaction, as if one after the other in
+    /// queue order: every call sees the rows of the calls before it, its session cap and
+    /// near-duplicates included. Returns each call's own failure (a reused request_id);
+    /// an error fails the whole group, and nothing of it is committed.
+    pub(crate) async fn write_group(
+        &self,
+        group: &mut [PendingStore],
+    ) -> Result<Vec<Option<MemoryError>>, MemoryError> {
+        let transaction =
+            begin_write(&self.db, group.iter().map(|call| call.session.as_str())).await?;
+        let mut failures: Vec<Option<MemoryError>> = group.iter().map(|_| None).collect();
+        let replayed = replay_kept(&transaction, group, &mut failures).await?;
+        let writing: Vec<usize> = (0..group.len())
+            .filter(|call| !replayed.contains(call) && failures[*call].is_none())
+            .collect();
+        if !writing.is_empty() {
+            let written = self.write_calls(&transaction, group, &writing).await?;
+            self.respond(&transaction, group, written).await?;
+        }
+        transaction.commit().await?;
+        Ok(failures)
+    }
+
+    async fn write_calls(
+        &self,
+        transaction: &DatabaseTransaction,
+        group: &[PendingStore],
+        writing: &[usize],
+    ) -> Result<Vec<WrittenCall>, MemoryError> {
+        let sessions: Vec<&str> = writing
+            .iter()
+            .map(|&call| group[call].session.as_str())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let earliest = writing
+            .iter()
+            .map(|&call| group[call].now)
+            .min()
+            .expect("a call to write");
+        // Live memories before the group, by session; each call then adds its own.
+        let mut live: HashMap<String, Vec<LiveMemory>> = HashMap::new();
+        let before = self
+            .accesses
+            .read(|| {
+                load_live(
+                    transaction,
+                    Condition::all()
+                        .add(Column::SessionId.is_in(sessions.iter().copied()))
+                        .add(live_at(earliest)),
+                )
+            })
+            .await?;
+        for SessionLive(session, memory) in before {
+            live.entry(session).or_default().push(memory);
+        }
+
+        let fresh: Vec<Vec<row::Model>> = writing
+            .iter()
+            .map(|&call| {
+                let call = &group[call];
+                call.memories
+                    .iter()
+                    .map(|memory| fresh_row(&call.session, memory, call.now))
+                    .collect()
+            })
+            .collect();
+        let inserted = insert_fresh(transaction, fresh.iter().flatten()).await?;
+        let twin_keys: BTreeSet<TwinKey> = fresh
+            .iter()
+            .flatten()
+            .filter(|memory| !inserted.contains(&memory.id))
+            .map(twin_key)
+            .collect();
+        let mut current: HashMap<TwinKey, row::Model> = self
+            .accesses
+            .read(|| fetch_by_keys(transaction, &twin_keys))
+            .await?
+            .into_iter()
+            .map(|memory| (twin_key(&memory), memory))
+            .collect();
+
+        // The rows this group wrote, as they are now, and which of them were merges.
+        let mut touched: HashMap<String, row::Model> = HashMap::new();
+        let mut merged: Vec<String> = Vec::new();
+        let mut evicted_ids: HashSet<String> = HashSet::new();
+        let mut written = Vec::with_capacity(writing.len());
+        for (&call, fresh) in writing.iter().zip(fresh) {
+            let PendingStore {
+                session,
+                memories,
+                now,
+                ..
+            } = &group[call];
+            let members = live.entry(session.as_str().to_owned()).or_default();
+            members.retain(|memory| memory.is_visible_at(*now));
+            let mut stored = Vec::with_capacity(memories.len());
+            for (memory, fresh) in memories.iter().zip(fresh) {
+                let (now_stored, deduplicated) = if inserted.contains(&fresh.id) {
+                    members.push(LiveMemory::from_model(&fresh));
+                    (fresh, false)
+                } else {
+                    let twin = current.get(&twin_key(&fresh)).cloned().ok_or_else(|| {
+                        DbErr::RecordNotFound(
+                            "the conflicting memory vanished inside the transaction".to_owned(),
+                        )
+                    })?;
+                    let twin = merge_into_twin(twin, memory, *now);
+                    members.retain(|member| member.id != twin.id);
+                    members.push(LiveMemory::from_model(&twin));
+                    if !merged.contains(&twin.id) {
+                        merged.push(twin.id.clone());
+                    }
+                    (twin, true)
+                };
+                current.insert(twin_key(&now_stored), now_stored.clone());
+                touched.insert(now_stored.id.clone(), now_stored.clone());
+                stored.push((now_stored, deduplicated));
+            }
+            let evicted = evict_over_cap(members, self.policy.max_entries, *now);
+            evicted_ids.extend(evicted.iter().cloned());
+            let similar = stored
+                .iter()
+                .map(|(memory, _)| {
+                    let Some(hash) = memory
+                        .semantic_hash
+                        .as_deref()
+                        .and_then(text::parse_semantic_hash)
+                    else {
+                        return Vec::new();
+                    };
+                    nearest(
+                        hash,
+                        members.iter().filter(|other| other.id != memory.id),
+                        self.policy.similarity_max_distance,
+                    )
+                    .into_iter()
+                    .map(|(id, distance)| {
+                        let snapshot = touched.get(&id).cloned();
+                        (id, distance, snapshot)
+                    })
+                    .collect()
+                })
+                .collect();
+            written.push(WrittenCall {
+                call,
+                stored,
+                similar,
+                evicted: evicted
+                    .iter()
+                    .map(|id| MemoryName::format(session.as_str(), id))
+                    .collect(),
+            });
+        }
+
+        let merges: Vec<&row::Model> = merged
+            .iter()
+            .filter(|id| !evicted_ids.contains(*id))
+            .map(|id| &touched[id])
+            .collect();
+        for chunk in merges.chunks(MERGE_CHUNK) {
+            transaction
+                .execute_raw(write_merges(transaction.get_database_backend(), chunk))
+                .await?;
+        }
+        // Near-duplicates this group did not write are read whole before any eviction.
+        let untouched: BTreeSet<&str> = written
+            .iter()
+            .flat_map(|call| call.similar.iter().flatten())
+            .filter(|(_, _, snapshot)| snapshot.is_none())
+            .map(|(id, _, _)| id.as_str())
+            .collect();
+        if !untouched.is_empty() {
+            let rows = self
+                .accesses
+                .read(|| {
+                    Memories::find()
+                        .filter(Column::Id.is_in(untouched.iter().copied()))
+                        .all(transaction)
+                })
+                .await?;
+            let rows: HashMap<String, row::Model> = rows
+                .into_iter()
+                .map(|memory| (memory.id.clone(), memory))
+                .collect();
+            for (id, _, snapshot) in written
+                .iter_mut()
+                .flat_map(|call| call.similar.iter_mut().flatten())
+            {
+                if snapshot.is_none() {
+                    *snapshot = rows.get(id.as_str()).cloned();
+                }
+            }
+        }
+        if !evicted_ids.is_empty() {
+            Memories::delete_many()
+                .filter(Column::Id.is_in(evicted_ids))
+                .exec(transaction)
+                .await?;
+        }
+        Ok(written)
+    }
+
+    /// Builds each written call's response and keeps those sent with a request_id.
+    async fn respond(
+        &self,
+        transaction: &DatabaseTransaction,
+        group: &mut [PendingStore],
+        written: Vec<WrittenCall>,
+    ) -> Result<(), MemoryError> {
+        for call in written {
+            let pending = &mut group[call.call];
+            let outcomes = call
+                .stored
+                .into_iter()
+                .zip(call.similar)
+                .map(|((memory, deduplicated), similar)| StoreOutcome {
+                    memory,
+                    deduplicated,
+                    similar: similar
+                        .into_iter()
+                        .filter_map(|(_, distance, memory)| Some((memory?, distance)))
+                        .collect(),
+                    evicted: call.evicted.clone(),
+                })
+                .collect();
+            let kept = pending.reply.respond(outcomes, pending.record.is_some());
+            if let (Some(record), Some(response)) = (&pending.record, kept) {
+                memory_request::ActiveModel {
+                    request_id: ActiveValue::Set(record.request_id.clone()),
+                    request_digest: ActiveValue::Set(record.digest.clone()),
+                    response: ActiveValue::Set(response),
+                    created_at: ActiveValue::Set(pending.now),
+                }
+                .insert(transaction)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A live memory and its session, as one query of several sessions returns them.
+struct SessionLive(String, LiveMemory);
+
+impl Tracked for SessionLive {
+    fn id(&self) -> &str {
+        self.1.id()
+    }
+
+    fn add_accesses(&mut self, accesses: Accesses) {
+        self.1.add_accesses(accesses);
+    }
+}
+
+/// Opens a write transaction holding the writer locks of `sessions`. PostgreSQL takes one
+/// advisory lock per session, all in one statement and in key order, so two replicas
+/// writing overlapping groups cannot deadlock; SQLite's `BEGIN IMMEDIATE` locks them all.
+async fn begin_write<'a>(
+    db: &DatabaseConnection,
+    sessions: impl IntoIterator<Item = &'a str>,
+) -> Result<DatabaseTransaction, DbErr> {
+    let transaction = db
+        .begin_with_options(TransactionOptions {
+            sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+            ..TransactionOptions::default()
+        })
+        .await?;
+    if transaction.get_database_backend() == DbBackend::Postgres {
+        // Session ids are letters, digits, `_` and `-`: a comma separates them safely.
+        let sessions: Vec<&str> = sessions.into_iter().collect();
+        transaction
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT pg_advisory_xact_lock(key) FROM (\
+                   SELECT DISTINCT hashtextextended('engram/session/' || session, 0) AS key \
+                   FROM unnest(string_to_array($1, ',')) AS session ORDER BY key\
+                 ) AS keys",
+                [sessions.join(",").into()],
+            ))
+            .await?;
+    }
+    Ok(transaction)
+}
+
+/// Writes a changed memory back, all but its access tracking: those columns belong to the
+/// access flusher, which adds to them without reading.
+async fn write_back(
     transaction: &DatabaseTransaction,
-    session: &SessionId,
-    memory: &NewMemory,
-    now: DateTime<Utc>,
-) -> Result<(row::Model, bool), MemoryError> {
-    let fresh = row::Model {
+    memory: row::Model,
+) -> Result<row::Model, DbErr> {
+    let (access_count, last_accessed) = (memory.access_count, memory.last_accessed);
+    let mut changes = memory.into_active_model().reset_all();
+    changes.access_count = ActiveValue::NotSet;
+    changes.last_accessed = ActiveValue::NotSet;
+    let written = changes.update(transaction).await?;
+    Ok(row::Model {
+        access_count,
+        last_accessed,
+        ..written
+    })
+}
+
+/// The live memories `condition` selects, with their sessions, in ONE result row: sqlx's
+/// SQLite driver hands every row over from its worker thread (a wake-up each), so a JSON
+/// array of a session's hundred memories is far cheaper than a hundred rows. Importance
+/// travels as text with every digit, so the ranking sees the stored value exactly.
+async fn load_live(
+    connection: &impl ConnectionTrait,
+    condition: Condition,
+) -> Result<Vec<SessionLive>, DbErr> {
+    let backend = connection.get_database_backend();
+    let aggregate = match backend {
+        DbBackend::Postgres => {
+            "COALESCE(json_agg(json_build_array(session_id, id, semantic_hash, importance::text, \
+             access_count, created_at, expires_at)), '[]')::text"
+        }
+        _ => {
+            "json_group_array(json_array(session_id, id, semantic_hash, \
+             printf('%!.17g', importance), access_count, created_at, expires_at))"
+        }
+    };
+    let query = Query::select()
+        .expr_as(Expr::cust(aggregate), "live")
+        .from(Memories)
+        .cond_where(condition)
+        .to_owned();
+    let unreadable = |what: &str| DbErr::Type(format!("unreadable live memories: {what}"));
+    let json: String = connection
+        .query_one_raw(backend.build(&query))
+        .await?
+        .ok_or_else(|| unreadable("no row"))?
+        .try_get("", "live")?;
+    type LiveJson = (
+        String,
+        String,
+        Option<String>,
+        String,
+        i32,
+        String,
+        Option<String>,
+    );
+    let rows: Vec<LiveJson> = serde_json::from_str(&json).map_err(|_| unreadable("not JSON"))?;
+    rows.into_iter()
+        .map(
+            |(session, id, hash, importance, access_count, created_at, expires_at)| {
+                let memory = LiveMemory {
+                    id,
+                    semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
+                    importance: importance.parse().map_err(|_| unreadable("importance"))?,
+                    access_count,
+                    created_at: parse_timestamp(&created_at)
+                        .ok_or_else(|| unreadable("created_at"))?,
+                    expires_at: expires_at
+                        .map(|at| parse_timestamp(&at).ok_or_else(|| unreadable("expires_at")))
+                        .transpose()?,
+                };
+                Ok(SessionLive(session, memory))
+            },
+        )
+        .collect()
+}
+
+/// A timestamp as the databases render it in JSON: RFC 3339 (what Engram writes, and
+/// PostgreSQL's JSON), or the space-separated text of rows the Python system wrote.
+fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(text)
+        .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z"))
+        .map(|at| at.with_timezone(&Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+                .map(|at| at.and_utc())
+        })
+        .ok()
+}
+
+fn fresh_row(session: &SessionId, memory: &NewMemory, now: DateTime<Utc>) -> row::Model {
+    row::Model {
         id: uuid::Uuid::new_v4().to_string(),
         session_id: session.as_str().to_owned(),
         content_type: memory.content_type.as_str().to_owned(),
@@ -663,80 +1115,280 @@ async fn insert_or_merge(
         created_at: now,
         updated_at: now,
         deleted_at: None,
-    };
-    let inserted = Memories::insert(fresh.clone().into_active_model().reset_all())
-        .on_conflict_do_nothing_on([Column::SessionId, Column::ContentType, Column::ContentHash])
-        .exec_without_returning(transaction)
-        .await?;
-    if matches!(inserted, TryInsertResult::Inserted(1)) {
-        return Ok((fresh, false));
     }
-    let twin = Memories::find()
-        .filter(in_session(session))
-        .filter(Column::ContentType.eq(memory.content_type.as_str()))
-        .filter(Column::ContentHash.eq(memory.content_hash.as_str()))
-        .one(transaction)
-        .await?
-        .ok_or_else(|| {
-            DbErr::RecordNotFound(
-                "the conflicting memory vanished inside the transaction".to_owned(),
-            )
-        })?;
-    let merged = merge_into_twin(twin, memory, now)
-        .into_active_model()
-        .reset_all()
-        .update(transaction)
-        .await?;
-    Ok((merged, true))
 }
 
-/// The kept response of an earlier request with the same request_id, if any.
-async fn replay<R: prost::Message + Default>(
+/// What the unique constraint compares: session, content type, content hash.
+type TwinKey = (String, String, String);
+
+fn twin_key(memory: &row::Model) -> TwinKey {
+    (
+        memory.session_id.clone(),
+        memory.content_type.clone(),
+        memory.content_hash.clone(),
+    )
+}
+
+/// Inserts the rows that have no twin yet, in order (a later row of the same content is
+/// the earlier one's twin); returns the ids inserted. The unique constraint decides. The ids
+/// come back as one JSON array rather than a RETURNING row each (see [`load_live`]).
+async fn insert_fresh<'a>(
     transaction: &DatabaseTransaction,
-    record: &RequestRecord,
-) -> Result<Option<R>, MemoryError> {
-    let Some(earlier) = memory_request::Entity::find_by_id(record.request_id.as_str())
-        .one(transaction)
+    rows: impl Iterator<Item = &'a row::Model>,
+) -> Result<HashSet<String>, DbErr> {
+    let rows: Vec<&row::Model> = rows.collect();
+    let backend = transaction.get_database_backend();
+    let mut inserted = HashSet::with_capacity(rows.len());
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let insert = Memories::insert_many(
+            chunk
+                .iter()
+                .map(|memory| (*memory).clone().into_active_model().reset_all()),
+        )
+        .on_conflict(
+            OnConflict::columns([Column::SessionId, Column::ContentType, Column::ContentHash])
+                .do_nothing()
+                .to_owned(),
+        );
+        transaction.execute_raw(insert.build(backend)).await?;
+        let aggregate = match backend {
+            DbBackend::Postgres => "COALESCE(json_agg(id), '[]')::text",
+            _ => "json_group_array(id)",
+        };
+        let query = Query::select()
+            .expr_as(Expr::cust(aggregate), "ids")
+            .from(Memories)
+            .cond_where(Column::Id.is_in(chunk.iter().map(|memory| memory.id.as_str())))
+            .to_owned();
+        let ids: String = transaction
+            .query_one_raw(backend.build(&query))
+            .await?
+            .ok_or_else(|| DbErr::Type("no inserted ids".to_owned()))?
+            .try_get("", "ids")?;
+        let ids: Vec<String> = serde_json::from_str(&ids)
+            .map_err(|_| DbErr::Type("unreadable inserted ids".to_owned()))?;
+        inserted.extend(ids);
+    }
+    Ok(inserted)
+}
+
+/// The rows holding these (session, content type, content hash) keys, deleted or not.
+async fn fetch_by_keys(
+    transaction: &DatabaseTransaction,
+    keys: &BTreeSet<TwinKey>,
+) -> Result<Vec<row::Model>, DbErr> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut any = Condition::any();
+    for (session, content_type, content_hash) in keys {
+        any = any.add(
+            Condition::all()
+                .add(Column::SessionId.eq(session.as_str()))
+                .add(Column::ContentType.eq(content_type.as_str()))
+                .add(Column::ContentHash.eq(content_hash.as_str())),
+        );
+    }
+    Memories::find().filter(any).all(transaction).await
+}
+
+/// Answers calls sent with a request_id seen before: the kept response, or a failure when
+/// the id came with another request. Returns the calls answered so.
+async fn replay_kept(
+    transaction: &DatabaseTransaction,
+    group: &mut [PendingStore],
+    failures: &mut [Option<MemoryError>],
+) -> Result<HashSet<usize>, DbErr> {
+    let ids: Vec<&str> = group
+        .iter()
+        .filter_map(|call| call.record.as_ref())
+        .map(|record| record.request_id.as_str())
+        .collect();
+    let mut answered = HashSet::new();
+    if ids.is_empty() {
+        return Ok(answered);
+    }
+    let kept: HashMap<String, memory_request::Model> = memory_request::Entity::find()
+        .filter(memory_request::Column::RequestId.is_in(ids))
+        .all(transaction)
         .await?
-    else {
-        return Ok(None);
-    };
-    if earlier.request_digest != record.digest {
-        return Err(MemoryError::RequestIdReused);
+        .into_iter()
+        .map(|kept| (kept.request_id.clone(), kept))
+        .collect();
+    for (index, call) in group.iter_mut().enumerate() {
+        let Some(earlier) = call
+            .record
+            .as_ref()
+            .and_then(|record| kept.get(&record.request_id).map(|kept| (record, kept)))
+        else {
+            continue;
+        };
+        let (record, earlier) = earlier;
+        answered.insert(index);
+        if earlier.request_digest != record.digest {
+            failures[index] = Some(MemoryError::RequestIdReused);
+        } else if let Err(failure) = call.reply.replay(&earlier.response) {
+            failures[index] = Some(failure);
+        }
     }
-    R::decode(earlier.response.as_slice())
-        .map(Some)
-        .map_err(|error| {
-            MemoryError::Internal(DbErr::Custom(format!("undecodable kept response: {error}")))
-        })
+    Ok(answered)
 }
 
-fn ranked(memory: &row::Model, now: DateTime<Utc>) -> Ranked<'_> {
-    Ranked {
-        id: &memory.id,
-        created_at: memory.created_at,
-        effective_importance: effective_importance(
-            memory.importance,
-            memory.created_at,
-            i64::from(memory.access_count),
-            now,
-        ),
+/// Removes the least important live memories beyond the cap from `live`; returns their ids.
+fn evict_over_cap(live: &mut Vec<LiveMemory>, cap: usize, now: DateTime<Utc>) -> Vec<String> {
+    if live.len() <= cap {
+        return Vec::new();
     }
+    let ranked: Vec<Ranked> = live.iter().map(|memory| memory.ranked(now)).collect();
+    let evicted: Vec<String> = choose_evictions(&ranked, cap)
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    live.retain(|memory| !evicted.contains(&memory.id));
+    evicted
 }
 
-/// Memories within `max_distance` of `hash`, nearest first (then oldest first).
+/// Ids of the memories within `max_distance` of `hash`, nearest first (then oldest first).
 fn nearest<'a>(
     hash: u64,
-    candidates: impl Iterator<Item = &'a row::Model>,
+    candidates: impl Iterator<Item = &'a LiveMemory>,
     max_distance: u32,
-) -> Vec<(row::Model, u32)> {
-    let mut near: Vec<(row::Model, u32)> = candidates
+) -> Vec<(String, u32)> {
+    let mut near: Vec<(&LiveMemory, u32)> = candidates
         .filter_map(|memory| {
-            let other = text::parse_semantic_hash(memory.semantic_hash.as_deref()?)?;
-            let distance = text::hamming_distance(hash, other);
-            (distance <= max_distance).then(|| (memory.clone(), distance))
+            let distance = text::hamming_distance(hash, memory.semantic_hash?);
+            (distance <= max_distance).then_some((memory, distance))
         })
         .collect();
     near.sort_by(|(a, da), (b, db)| da.cmp(db).then(a.created_at.cmp(&b.created_at)));
-    near
+    near.into_iter()
+        .map(|(memory, distance)| (memory.id.clone(), distance))
+        .collect()
+}
+
+/// Writes the counted accesses every `interval` until the tracker is dropped.
+async fn flush_accesses_every(
+    db: DatabaseConnection,
+    accesses: Weak<AccessTracker>,
+    interval: StdDuration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(accesses) = accesses.upgrade() else {
+            return;
+        };
+        if let Err(error) = flush_accesses(&db, &accesses).await {
+            tracing::warn!(%error, "writing access counts failed; retrying next interval");
+        }
+    }
+}
+
+/// Adds the counted accesses to the database in one transaction, a statement per chunk.
+async fn flush_accesses(db: &DatabaseConnection, accesses: &AccessTracker) -> Result<(), DbErr> {
+    let Some(counted) = accesses.begin_flush() else {
+        return Ok(());
+    };
+    let written = async {
+        let transaction = db
+            .begin_with_options(TransactionOptions {
+                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+                ..TransactionOptions::default()
+            })
+            .await?;
+        for chunk in counted.chunks(ACCESS_FLUSH_CHUNK) {
+            transaction
+                .execute_raw(add_accesses(transaction.get_database_backend(), chunk))
+                .await?;
+        }
+        accesses.committing();
+        transaction.commit().await
+    }
+    .await;
+    accesses.end_flush(written.is_ok());
+    written
+}
+
+/// One UPDATE adding each memory's counted accesses and moving its last access forward.
+fn add_accesses(backend: DbBackend, counted: &[(String, Accesses)]) -> Statement {
+    let mut values: Vec<Value> = Vec::with_capacity(counted.len() * 3);
+    for (id, accesses) in counted {
+        values.push(id.clone().into());
+        values.push(i64::from(accesses.count).into());
+        values.push(accesses.last.into());
+    }
+    let rows = values_rows(backend, &["text", "integer", "timestamptz"], counted.len());
+    let sql = match backend {
+        DbBackend::Postgres => format!(
+            "UPDATE memories AS m SET access_count = m.access_count + u.n, \
+             last_accessed = GREATEST(m.last_accessed, u.at) \
+             FROM (VALUES {rows}) AS u(id, n, at) WHERE m.id = u.id"
+        ),
+        _ => format!(
+            "WITH u(id, n, at) AS (VALUES {rows}) \
+             UPDATE memories SET access_count = access_count + u.n, \
+             last_accessed = max(coalesce(last_accessed, u.at), u.at) \
+             FROM u WHERE memories.id = u.id"
+        ),
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// One UPDATE writing what merges change (see `merge_into_twin`) into their twins: the
+/// higher importance, the merged metadata, the later expiry, restored, updated now.
+fn write_merges(backend: DbBackend, merged: &[&row::Model]) -> Statement {
+    let mut values: Vec<Value> = Vec::with_capacity(merged.len() * 5);
+    for memory in merged {
+        values.push(memory.id.clone().into());
+        values.push(memory.importance.into());
+        values.push(memory.metadata.clone().into());
+        values.push(memory.expires_at.into());
+        values.push(memory.updated_at.into());
+    }
+    let rows = values_rows(
+        backend,
+        &[
+            "text",
+            "double precision",
+            "json",
+            "timestamptz",
+            "timestamptz",
+        ],
+        merged.len(),
+    );
+    let changes = "importance = u.importance, metadata = u.metadata, \
+                   expires_at = u.expires_at, deleted_at = NULL, updated_at = u.updated_at";
+    let sql = match backend {
+        DbBackend::Postgres => format!(
+            "UPDATE memories AS m SET {changes} \
+             FROM (VALUES {rows}) AS u(id, importance, metadata, expires_at, updated_at) \
+             WHERE m.id = u.id"
+        ),
+        _ => format!(
+            "WITH u(id, importance, metadata, expires_at, updated_at) AS (VALUES {rows}) \
+             UPDATE memories SET {changes} FROM u WHERE memories.id = u.id"
+        ),
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `(?, ?), (?, ?)`: `rows` rows of parameters for a VALUES list. PostgreSQL numbers them
+/// and casts each to its column's type (a VALUES list would otherwise type them as text).
+fn values_rows(backend: DbBackend, postgres_types: &[&str], rows: usize) -> String {
+    let columns = postgres_types.len();
+    (0..rows)
+        .map(|row| {
+            let parameters: Vec<String> = postgres_types
+                .iter()
+                .enumerate()
+                .map(|(column, kind)| match backend {
+                    DbBackend::Postgres => format!("${}::{kind}", row * columns + column + 1),
+                    _ => "?".to_owned(),
+                })
+                .collect();
+            format!("({})", parameters.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

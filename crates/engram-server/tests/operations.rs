@@ -170,6 +170,20 @@ async fn readiness_waits_for_the_schema_when_a_job_migrates() {
         Some(NOT_SERVING),
         "no schema yet: not ready"
     );
+    let mut early = engram_proto::memory::v1::memory_service_client::MemoryServiceClient::connect(
+        format!("http://{address}"),
+    )
+    .await
+    .expect("connect");
+    let refused = early
+        .store_memory(store_request("early", memory("before the schema")))
+        .await
+        .expect_err("not ready");
+    assert_eq!(
+        refused.code(),
+        Code::Unavailable,
+        "calls before the schema is current are UNAVAILABLE: {refused:?}"
+    );
     let migrate = std::process::Command::new(env!("CARGO_BIN_EXE_engram"))
         .args(["migrate", "--database-url", &url])
         .output()

@@ -2,12 +2,16 @@
 //! a [`Catalog`]: its schema as read from the database's own catalog, and the
 //! shapes expected after 001 and after every migration.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Debug;
 
+use chrono::{DateTime, TimeZone, Utc};
 use engram_domain::text;
 use migration::sea_orm::prelude::Json;
-use migration::sea_orm::{ConnectionTrait, DatabaseConnection, DbErr, Statement};
-use migration::{Alias, Expr, Migrator, MigratorTrait, Query, Value};
+use migration::sea_orm::{
+    ConnectionTrait, DatabaseConnection, DbBackend, DbErr, QueryResult, Statement,
+};
+use migration::{Alias, Expr, Migrator, MigratorTrait, Query, SchemaManager, Value};
 use uuid::Uuid;
 
 pub(crate) const INITIAL: &str = "m20240101_000001_initial_schema";
@@ -17,20 +21,16 @@ pub(crate) const ALL: [&str; 3] = [
     "m20261124_000003_request_log",
 ];
 
-/// Legacy rows kept apart from the bulk ones so their hashes can be checked
-/// against values computed by the reference Python (not by engram_domain).
-const HELLO: &str = "Hello, World!";
-const HELLO_CONTENT_HASH: &str = "09ca7e4eaa6e8ae9c7d261167129184883644d07dfba7cbfbc4c8a2e08360d5b";
-const HELLO_SEMANTIC_HASH: &str = "0dba412420240608";
-const UNICODE: &str = "ΟΔΟΣ Σ straße İstanbul 日本語 👋";
-const UNICODE_CONTENT_HASH: &str =
-    "92e650400bea51ceda4ab8921ea9d4516990f6b6fcf9fbb301af33002b86dee5";
-const UNICODE_SEMANTIC_HASH: &str = "2241014120424d7a";
+/// The corpus `scripts/gen_hash_fixtures.py` hashed with the reference
+/// Python: input, normalized, content_hash and semantic_hash per line.
+const PYTHON_FIXTURES: &str =
+    include_str!("../../../crates/engram-domain/tests/fixtures/python_hashes.jsonl");
 
-/// More than two backfill pages of 500.
-const BULK_ROWS: usize = 1200;
+/// More than two backfill pages of 1000.
+const BULK_ROWS: usize = 2500;
 
-/// A backend's schema read from its catalog (the seaql_migrations table excluded).
+/// A backend's schema read from its catalog (the bookkeeping tables
+/// `seaql_migrations` and `alembic_version` excluded).
 pub(crate) trait Catalog: Debug + PartialEq + Sized {
     async fn read(db: &DatabaseConnection) -> Self;
     /// The shape 001 alone creates.
@@ -49,6 +49,9 @@ pub(crate) struct Memory {
     pub metadata: Option<Json>,
     pub importance: f64,
     pub access_count: i32,
+    pub last_accessed: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
 }
 
 impl Memory {
@@ -61,8 +64,19 @@ impl Memory {
             metadata: Some(json(r#"{"source": "test"}"#)),
             importance: 0.5,
             access_count: 0,
+            last_accessed: None,
+            created_at: at("2024-01-10 09:30:00.250000"),
+            updated_at: at("2024-01-10 09:30:00.250000"),
         }
     }
+}
+
+/// A UTC instant written as the Python system wrote it to SQLite.
+pub(crate) fn at(python_text: &str) -> DateTime<Utc> {
+    Utc.from_utc_datetime(
+        &chrono::NaiveDateTime::parse_from_str(python_text, "%Y-%m-%d %H:%M:%S%.f")
+            .unwrap_or_else(|error| panic!("{python_text}: {error}")),
+    )
 }
 
 /// Catalog lines in a stable order.
@@ -76,16 +90,6 @@ pub(crate) fn json(text: &str) -> Json {
     text.parse().expect("test metadata is valid json")
 }
 
-/// What a `memories` row holds besides [`Memory`]; timestamps as text so the
-/// SQLite rebuild can be checked to copy them unchanged.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct StoredMemory {
-    pub memory: Memory,
-    pub last_accessed: Option<String>,
-    pub created_at: String,
-    pub updated_at: String,
-}
-
 pub(crate) async fn applied(db: &DatabaseConnection) -> Vec<String> {
     Migrator::get_applied_migrations(db)
         .await
@@ -95,33 +99,56 @@ pub(crate) async fn applied(db: &DatabaseConnection) -> Vec<String> {
         .collect()
 }
 
-/// Inserts rows into a 001 table (which has no hash columns).
+/// Inserts rows into a 001 table (which has no hash columns), timestamps as
+/// the Python system wrote them: SQLAlchemy's naive text with microseconds
+/// on SQLite, or the `CURRENT_TIMESTAMP` default's text without (used here
+/// for whole seconds); `timestamptz` on PostgreSQL.
 pub(crate) async fn insert_legacy(db: &DatabaseConnection, memories: &[Memory]) {
-    let mut insert = Query::insert()
-        .into_table(Alias::new("memories"))
-        .columns(
-            [
-                "id",
-                "session_id",
-                "content_type",
-                "content",
-                "metadata",
-                "importance",
-                "access_count",
-            ]
-            .map(Alias::new),
-        )
-        .to_owned();
-    for memory in memories {
-        insert.values_panic(common_values(memory));
+    for chunk in memories.chunks(500) {
+        let mut insert = Query::insert()
+            .into_table(Alias::new("memories"))
+            .columns(
+                [
+                    "id",
+                    "session_id",
+                    "content_type",
+                    "content",
+                    "metadata",
+                    "importance",
+                    "access_count",
+                    "last_accessed",
+                    "created_at",
+                    "updated_at",
+                ]
+                .map(Alias::new),
+            )
+            .to_owned();
+        for memory in chunk {
+            let mut values = common_values(memory).to_vec();
+            let backend = db.get_database_backend();
+            values.extend([
+                legacy_timestamp(backend, memory.last_accessed),
+                legacy_timestamp(backend, Some(memory.created_at)),
+                legacy_timestamp(backend, Some(memory.updated_at)),
+            ]);
+            insert.values_panic(values);
+        }
+        db.execute(&insert).await.expect("insert legacy memories");
     }
-    db.execute(&insert).await.expect("insert legacy memories");
-    // Gives the copy of a nullable timestamp something to preserve.
-    db.execute_unprepared(
-        "UPDATE memories SET last_accessed = CURRENT_TIMESTAMP WHERE access_count > 0",
-    )
-    .await
-    .expect("set last_accessed");
+}
+
+fn legacy_timestamp(backend: DbBackend, at: Option<DateTime<Utc>>) -> Expr {
+    match backend {
+        DbBackend::Sqlite => Expr::val(at.map(|at| {
+            let format = if at.timestamp_subsec_micros() == 0 {
+                "%Y-%m-%d %H:%M:%S"
+            } else {
+                "%Y-%m-%d %H:%M:%S%.6f"
+            };
+            at.format(format).to_string()
+        })),
+        _ => Expr::val(at),
+    }
 }
 
 /// Inserts one row into the v3 table with the hashes computed the service's way.
@@ -137,7 +164,13 @@ async fn insert_with_hash(
 ) -> Result<(), DbErr> {
     let semantic_hash = text::format_semantic_hash(text::semantic_hash(&memory.content));
     let mut values = common_values(memory).to_vec();
-    values.extend([Expr::val(content_hash), Expr::val(semantic_hash)]);
+    // Bound as chrono values: the text sqlx writes is the service's.
+    values.extend([
+        Expr::val(memory.created_at),
+        Expr::val(memory.updated_at),
+        Expr::val(content_hash),
+        Expr::val(semantic_hash),
+    ]);
     let insert = Query::insert()
         .into_table(Alias::new("memories"))
         .columns(
@@ -149,6 +182,8 @@ async fn insert_with_hash(
                 "metadata",
                 "importance",
                 "access_count",
+                "created_at",
+                "updated_at",
                 "content_hash",
                 "semantic_hash",
             ]
@@ -171,59 +206,72 @@ fn common_values(memory: &Memory) -> [Expr; 7] {
     ]
 }
 
-pub(crate) async fn stored_memories(db: &DatabaseConnection) -> Vec<StoredMemory> {
+/// Every row of `memories` in id order, timestamps read as the service reads them.
+pub(crate) async fn stored_memories(db: &DatabaseConnection) -> Vec<Memory> {
     let rows = query_all(
         db,
         "SELECT id, session_id, content_type, content, metadata, importance, access_count, \
-         CAST(last_accessed AS TEXT) AS last_accessed, CAST(created_at AS TEXT) AS created_at, \
-         CAST(updated_at AS TEXT) AS updated_at FROM memories ORDER BY id",
+         last_accessed, created_at, updated_at FROM memories",
     )
     .await;
-    rows.iter()
-        .map(|row| {
-            let get = |column: &str| -> String { row.try_get("", column).expect(column) };
-            StoredMemory {
-                memory: Memory {
-                    id: get("id"),
-                    session_id: get("session_id"),
-                    content_type: get("content_type"),
-                    content: get("content"),
-                    metadata: row.try_get("", "metadata").expect("metadata"),
-                    importance: row.try_get("", "importance").expect("importance"),
-                    access_count: row.try_get("", "access_count").expect("access_count"),
-                },
-                last_accessed: row.try_get("", "last_accessed").expect("last_accessed"),
-                created_at: get("created_at"),
-                updated_at: get("updated_at"),
-            }
+    let mut memories: Vec<Memory> = rows
+        .iter()
+        .map(|row| Memory {
+            id: get(row, "id"),
+            session_id: get(row, "session_id"),
+            content_type: get(row, "content_type"),
+            content: get(row, "content"),
+            metadata: get(row, "metadata"),
+            importance: get(row, "importance"),
+            access_count: get(row, "access_count"),
+            last_accessed: get(row, "last_accessed"),
+            created_at: get(row, "created_at"),
+            updated_at: get(row, "updated_at"),
         })
-        .collect()
+        .collect();
+    // In Rust's order: PostgreSQL's collation may order ids differently.
+    memories.sort_by(|a, b| a.id.cmp(&b.id));
+    memories
 }
 
-pub(crate) async fn query_all(
-    db: &DatabaseConnection,
-    sql: &str,
-) -> Vec<migration::sea_orm::QueryResult> {
+pub(crate) fn get<T: migration::sea_orm::TryGetable>(row: &QueryResult, column: &str) -> T {
+    row.try_get("", column)
+        .unwrap_or_else(|error| panic!("{column}: {error}"))
+}
+
+pub(crate) async fn query_all(db: &DatabaseConnection, sql: &str) -> Vec<QueryResult> {
     db.query_all_raw(Statement::from_string(db.get_database_backend(), sql))
         .await
         .unwrap_or_else(|error| panic!("{sql}: {error}"))
 }
 
-/// Legacy rows exercising what the backfill must get right: NULL metadata,
-/// Unicode and Python-only whitespace, several keyset pages, plus `extra`.
+pub(crate) async fn has_table(db: &DatabaseConnection, table: &str) -> bool {
+    SchemaManager::new(db)
+        .has_table(table)
+        .await
+        .expect("read the catalog")
+}
+
+/// Legacy rows exercising what the backfill must get right: NULL metadata
+/// (SQL NULL and SQLAlchemy's JSON `null`), Unicode and Python-only
+/// whitespace, timestamps with and without microseconds, several keyset
+/// pages, plus `extra`.
 pub(crate) fn legacy_memories(extra: &[Memory]) -> Vec<Memory> {
     let mut memories = vec![
         Memory {
             metadata: None,
             access_count: 3,
-            ..Memory::new("s1", "preference", HELLO)
+            last_accessed: Some(at("2024-01-12 18:00:00")),
+            ..Memory::new("s1", "preference", "Hello, World!")
         },
         Memory {
             metadata: Some(json(r#"{"lang": ["el", "de"]}"#)),
-            ..Memory::new("s1", "fact", UNICODE)
+            created_at: at("2024-01-11 08:00:00"),
+            updated_at: at("2024-01-11 08:00:00.000001"),
+            ..Memory::new("s1", "fact", "ΟΔΟΣ Σ straße İstanbul 日本語 👋")
         },
         Memory {
-            metadata: None,
+            metadata: Some(Json::Null),
             ..Memory::new("s2", "context", "  tabs\tand\u{1f}unit\u{3000}separators  ")
         },
         Memory::new("s2", "context", "...!?"),
@@ -236,9 +284,41 @@ pub(crate) fn legacy_memories(extra: &[Memory]) -> Vec<Memory> {
     memories
 }
 
+/// Asserts `actual == expected` (both in id order), printing only the rows
+/// that differ: the tables hold thousands.
+#[track_caller]
+pub(crate) fn assert_same_memories(actual: &[Memory], expected: &[Memory]) {
+    let differing: Vec<String> = actual
+        .iter()
+        .zip(expected)
+        .filter(|(actual, expected)| actual != expected)
+        .take(3)
+        .map(|(actual, expected)| format!("stored   {actual:?}\nexpected {expected:?}"))
+        .collect();
+    assert!(
+        differing.is_empty() && actual.len() == expected.len(),
+        "{} rows stored, {} expected; first differences:\n{}",
+        actual.len(),
+        expected.len(),
+        differing.join("\n")
+    );
+}
+
+/// `rows` as they are after the upgrade replaced empty metadata by `{}`.
+fn with_empty_metadata(rows: &[Memory]) -> Vec<Memory> {
+    let mut rows = rows.to_vec();
+    for row in &mut rows {
+        if matches!(row.metadata, None | Some(Json::Null)) {
+            row.metadata = Some(json("{}"));
+        }
+    }
+    rows.sort_by(|a, b| a.id.cmp(&b.id));
+    rows
+}
+
 /// Migrating up from nothing yields the final schema, whose constraints hold.
 pub(crate) async fn up_from_empty_builds_the_final_schema<C: Catalog>(db: &DatabaseConnection) {
-    Migrator::up(db, None).await.expect("migrate up");
+    migration::migrate_up(db).await.expect("migrate up");
     assert_eq!(applied(db).await, ALL);
     assert_eq!(C::read(db).await, C::after_all());
     constraints_reject_bad_rows(db).await;
@@ -351,12 +431,12 @@ async fn request_log_accepts_a_response(db: &DatabaseConnection) {
         .await
         .expect("insert a request log entry");
     let rows = query_all(db, "SELECT response FROM memory_requests").await;
-    let stored: Vec<u8> = rows[0].try_get("", "response").expect("response bytes");
+    let stored: Vec<u8> = get(&rows[0], "response");
     assert_eq!(stored, response, "the response round-trips byte for byte");
 }
 
-/// 001 with legacy rows -> up: every row hashed as the reference does and
-/// NULL metadata replaced; -> down to 001: the 001 shape and rows are back;
+/// 001 with legacy rows -> up: every row hashed as the service hashes and
+/// empty metadata replaced; -> down to 001: the 001 shape and rows are back;
 /// -> up again: the final schema again.
 pub(crate) async fn legacy_rows_survive_up_and_down<C: Catalog>(
     db: &DatabaseConnection,
@@ -365,34 +445,31 @@ pub(crate) async fn legacy_rows_survive_up_and_down<C: Catalog>(
     Migrator::up(db, Some(1)).await.expect("migrate up to 001");
     assert_eq!(C::read(db).await, C::after_initial());
     insert_legacy(db, legacy).await;
-    let before = stored_memories(db).await;
-    assert_eq!(before.len(), legacy.len());
+    assert_eq!(stored_memories(db).await.len(), legacy.len());
 
-    Migrator::up(db, None).await.expect("migrate up from 001");
+    migration::migrate_up(db)
+        .await
+        .expect("migrate up from 001");
     assert_eq!(C::read(db).await, C::after_all());
     assert_hashes_match_contents(db, legacy.len()).await;
-    assert_eq!(stored_memories(db).await, with_empty_metadata(&before));
+    assert_same_memories(&stored_memories(db).await, &with_empty_metadata(legacy));
 
-    Migrator::down(db, Some(2))
+    Migrator::down(db, Some(1))
+        .await
+        .expect("roll back the request log");
+    migration::migrate_down(db)
         .await
         .expect("migrate down to 001");
     assert_eq!(applied(db).await, [INITIAL]);
     assert_eq!(C::read(db).await, C::after_initial());
-    // NULL metadata stays '{}': the upgrade cannot know which rows had NULL.
-    assert_eq!(stored_memories(db).await, with_empty_metadata(&before));
+    // Empty metadata stays '{}': the upgrade cannot know which rows had NULL.
+    assert_same_memories(&stored_memories(db).await, &with_empty_metadata(legacy));
 
-    Migrator::up(db, None)
+    migration::migrate_up(db)
         .await
         .expect("migrate up again after down");
     assert_eq!(C::read(db).await, C::after_all());
-}
-
-fn with_empty_metadata(rows: &[StoredMemory]) -> Vec<StoredMemory> {
-    let mut rows = rows.to_vec();
-    for row in &mut rows {
-        row.memory.metadata.get_or_insert_with(|| json("{}"));
-    }
-    rows
+    assert_same_memories(&stored_memories(db).await, &with_empty_metadata(legacy));
 }
 
 async fn assert_hashes_match_contents(db: &DatabaseConnection, expected_rows: usize) {
@@ -402,63 +479,366 @@ async fn assert_hashes_match_contents(db: &DatabaseConnection, expected_rows: us
     )
     .await;
     assert_eq!(rows.len(), expected_rows);
-    let mut hashes = std::collections::HashMap::new();
     for row in &rows {
-        let content: String = row.try_get("", "content").expect("content");
-        let content_hash: String = row.try_get("", "content_hash").expect("content_hash");
-        let semantic_hash: String = row.try_get("", "semantic_hash").expect("semantic_hash");
+        let content: String = get(row, "content");
         assert_eq!(
-            content_hash,
+            get::<String>(row, "content_hash"),
             text::content_hash(&content),
             "content_hash of {content:?}"
         );
         assert_eq!(
-            semantic_hash,
+            get::<String>(row, "semantic_hash"),
             text::format_semantic_hash(text::semantic_hash(&content)),
             "semantic_hash of {content:?}"
-        );
-        hashes.insert(content, (content_hash, semantic_hash));
-    }
-    // Values from the reference Python, independent of engram_domain.
-    for (content, content_hash, semantic_hash) in [
-        (HELLO, HELLO_CONTENT_HASH, HELLO_SEMANTIC_HASH),
-        (UNICODE, UNICODE_CONTENT_HASH, UNICODE_SEMANTIC_HASH),
-    ] {
-        assert_eq!(
-            hashes[content],
-            (content_hash.to_owned(), semantic_hash.to_owned())
         );
     }
 }
 
-/// Contents equal after normalization in one session and type cannot both
-/// live under the new unique constraint: the upgrade must refuse and leave
-/// the 001 database exactly as it was.
-pub(crate) async fn up_refuses_contents_that_normalize_alike<C: Catalog>(db: &DatabaseConnection) {
+/// One line of the Python fixtures.
+struct PythonHashes {
+    input: String,
+    content_hash: String,
+    semantic_hash: String,
+}
+
+fn python_fixtures() -> Vec<PythonHashes> {
+    PYTHON_FIXTURES
+        .lines()
+        .map(|line| {
+            let record: serde_json::Value = serde_json::from_str(line).expect("fixture json");
+            let field = |name: &str| record[name].as_str().expect(name).to_owned();
+            PythonHashes {
+                input: field("input"),
+                content_hash: field("content_hash"),
+                semantic_hash: field("semantic_hash"),
+            }
+        })
+        .collect()
+}
+
+/// Every input of the Python fixtures becomes a legacy row twice: alone in
+/// a session of its own, and together with all the others in one session,
+/// where the inputs that normalize alike collide and merge. After the
+/// upgrade every stored hash is the one CPython computed for that content.
+/// PostgreSQL text cannot hold NUL, so inputs with one are SQLite-only (the
+/// Python system could not have stored them on PostgreSQL either).
+pub(crate) async fn backfill_matches_the_python_fixtures(db: &DatabaseConnection) {
     Migrator::up(db, Some(1)).await.expect("migrate up to 001");
+    let fixtures: Vec<PythonHashes> = python_fixtures()
+        .into_iter()
+        .filter(|fixture| {
+            db.get_database_backend() == DbBackend::Sqlite || !fixture.input.contains('\0')
+        })
+        .collect();
+    assert!(fixtures.len() > 3000, "fixture file looks truncated");
+    let expected: HashMap<&str, (&str, &str)> = fixtures
+        .iter()
+        .map(|fixture| {
+            (
+                fixture.input.as_str(),
+                (
+                    fixture.content_hash.as_str(),
+                    fixture.semantic_hash.as_str(),
+                ),
+            )
+        })
+        .collect();
+    let alone = fixtures
+        .iter()
+        .enumerate()
+        .map(|(line, fixture)| Memory::new(&format!("fixture-{line}"), "fact", &fixture.input));
+    let together = fixtures
+        .iter()
+        .map(|fixture| Memory::new("fixtures", "fact", &fixture.input));
+    let legacy: Vec<Memory> = alone.chain(together).collect();
+    insert_legacy(db, &legacy).await;
+
+    migration::migrate_up(db)
+        .await
+        .expect("migrate up from 001");
+
+    let rows = query_all(
+        db,
+        "SELECT session_id, content, content_hash, semantic_hash FROM memories",
+    )
+    .await;
+    let distinct_hashes: BTreeSet<&str> = expected.values().map(|(hash, _)| *hash).collect();
+    assert_eq!(
+        rows.len(),
+        fixtures.len() + distinct_hashes.len(),
+        "each fixture alone, plus one row per distinct hash in the shared session"
+    );
+    let mut mismatches = Vec::new();
+    for row in &rows {
+        let content: String = get(row, "content");
+        let stored = (
+            get::<String>(row, "content_hash"),
+            get::<String>(row, "semantic_hash"),
+        );
+        let Some(&(content_hash, semantic_hash)) = expected.get(content.as_str()) else {
+            panic!("a stored content is no fixture input: {content:?}");
+        };
+        if stored != (content_hash.to_owned(), semantic_hash.to_owned()) {
+            mismatches.push(format!(
+                "{content:?}: stored {stored:?}, python ({content_hash}, {semantic_hash})"
+            ));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} hashes differ from python:\n{}",
+        mismatches.len(),
+        mismatches.join("\n")
+    );
+}
+
+/// Contents equal after normalization in one session and type collide under
+/// the new unique constraint: the upgrade keeps the oldest row (then the
+/// smallest id) with the highest importance, the summed access count, the
+/// latest access and update, and the metadata merged newest-wins, and deletes
+/// the others.
+pub(crate) async fn up_merges_contents_that_normalize_alike(db: &DatabaseConnection) {
+    Migrator::up(db, Some(1)).await.expect("migrate up to 001");
+    let oldest = Memory {
+        id: "00000000-0000-4000-8000-00000000000c".into(),
+        importance: 0.3,
+        access_count: 2,
+        metadata: Some(json(r#"{"source": "chat", "lang": "en"}"#)),
+        last_accessed: Some(at("2024-02-01 12:00:00.5")),
+        created_at: at("2024-01-01 09:00:00"),
+        updated_at: at("2024-01-01 09:00:00"),
+        ..Memory::new("s1", "fact", "Likes tea")
+    };
+    let newer = Memory {
+        id: "00000000-0000-4000-8000-00000000000a".into(),
+        importance: 0.8,
+        access_count: 5,
+        metadata: Some(json(r#"{"lang": "de", "tier": "gold"}"#)),
+        last_accessed: Some(at("2024-01-20 12:00:00")),
+        created_at: at("2024-01-02 09:00:00.000001"),
+        updated_at: at("2024-03-01 10:00:00"),
+        ..Memory::new("s1", "fact", "likes  TEA!")
+    };
+    let newest = Memory {
+        id: "00000000-0000-4000-8000-00000000000b".into(),
+        importance: 0.6,
+        access_count: 1,
+        metadata: None,
+        last_accessed: None,
+        created_at: at("2024-01-03 09:00:00"),
+        updated_at: at("2024-01-03 09:00:00"),
+        ..Memory::new("s1", "fact", "\u{3000}LIKES\u{1f}tea...")
+    };
+    // Same creation time: the smaller id is kept.
+    let tie_kept = Memory {
+        id: "00000000-0000-4000-8000-000000000001".into(),
+        ..Memory::new("s3", "context", "Same time")
+    };
+    let tie_merged = Memory {
+        id: "00000000-0000-4000-8000-000000000002".into(),
+        ..Memory::new("s3", "context", "same time.")
+    };
+    // The same text in another session or type is no duplicate.
+    let other_session = Memory::new("s2", "fact", "Likes tea");
+    let other_type = Memory::new("s1", "preference", "Likes tea");
     insert_legacy(
         db,
         &[
-            Memory::new("s1", "fact", "Likes tea"),
-            Memory::new("s1", "fact", "likes  TEA!"),
-            // Same text in another session or type is no duplicate.
-            Memory::new("s2", "fact", "Likes tea"),
-            Memory::new("s1", "preference", "Likes tea"),
+            oldest.clone(),
+            newer.clone(),
+            newest.clone(),
+            tie_kept.clone(),
+            tie_merged.clone(),
+            other_session.clone(),
+            other_type.clone(),
         ],
     )
     .await;
-    let before = stored_memories(db).await;
 
-    let error = Migrator::up(db, None)
+    migration::migrate_up(db)
         .await
-        .expect_err("duplicates must stop the upgrade");
+        .expect("migrate up from 001");
+
+    let merged = Memory {
+        importance: 0.8,
+        access_count: 8,
+        metadata: Some(json(r#"{"source": "chat", "lang": "de", "tier": "gold"}"#)),
+        last_accessed: Some(at("2024-02-01 12:00:00.5")),
+        updated_at: at("2024-03-01 10:00:00"),
+        ..oldest
+    };
+    let mut expected = vec![merged, tie_kept, other_session, other_type];
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(stored_memories(db).await, expected);
+    assert_eq!(applied(db).await, ALL);
+}
+
+/// Rows that break a check 002 adds stop the upgrade up front, named by
+/// check and count, and leave the 001 database as it was.
+pub(crate) async fn up_refuses_rows_failing_the_new_checks<C: Catalog>(db: &DatabaseConnection) {
+    Migrator::up(db, Some(1)).await.expect("migrate up to 001");
+    let legacy = [
+        Memory {
+            importance: 1.5,
+            ..Memory::new("s1", "fact", "too important")
+        },
+        Memory::new("s1", "fact", "fine"),
+    ];
+    insert_legacy(db, &legacy).await;
+
+    let error = migration::migrate_up(db)
+        .await
+        .expect_err("an out-of-range importance must stop the upgrade");
     let message = error.to_string();
     assert!(
-        message.contains("1 group(s) of memories")
-            && message.contains("uq_memory_session_content_hash"),
+        message.contains("cannot add ck_memory_importance_range: 1 memory row(s) fail"),
         "unclear refusal: {message}"
     );
     assert_eq!(applied(db).await, [INITIAL]);
     assert_eq!(C::read(db).await, C::after_initial());
-    assert_eq!(stored_memories(db).await, before);
+    assert_same_memories(&stored_memories(db).await, &with_empty_metadata(&legacy));
 }
+
+/// Turns a database migrated to Engram's first `migrations` into one as the
+/// Python system left it: Alembic's table at `revision`, no seaql_migrations.
+pub(crate) async fn as_python_system_left_it(
+    db: &DatabaseConnection,
+    migrations: u32,
+    revision: &str,
+) {
+    Migrator::up(db, Some(migrations))
+        .await
+        .expect("build the legacy schema");
+    for sql in [
+        "DROP TABLE seaql_migrations".to_owned(),
+        // Alembic's own DDL for its version table.
+        "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, \
+         CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            .to_owned(),
+        format!("INSERT INTO alembic_version (version_num) VALUES ('{revision}')"),
+    ] {
+        db.execute_unprepared(&sql)
+            .await
+            .unwrap_or_else(|error| panic!("{sql}: {error}"));
+    }
+}
+
+async fn alembic_revisions(db: &DatabaseConnection) -> Vec<String> {
+    query_all(db, "SELECT version_num FROM alembic_version")
+        .await
+        .iter()
+        .map(|row| get(row, "version_num"))
+        .collect()
+}
+
+/// Alembic at 001 is recorded as Engram's 001, then 002 and 003 run on its
+/// rows; alembic_version is left for the Python system's tools.
+pub(crate) async fn adopts_a_python_database_at_001<C: Catalog>(db: &DatabaseConnection) {
+    as_python_system_left_it(db, 1, "001_initial_schema").await;
+    let legacy = legacy_memories(&[]);
+    insert_legacy(db, &legacy).await;
+
+    let error = migration::migrate_down(db)
+        .await
+        .expect_err("a database not yet adopted has nothing to downgrade");
+    assert!(
+        error
+            .to_string()
+            .contains("still at the python system's alembic revision \"001_initial_schema\""),
+        "unclear refusal: {error}"
+    );
+    assert!(!has_table(db, "seaql_migrations").await);
+
+    migration::migrate_up(db)
+        .await
+        .expect("adopt and migrate up");
+    assert_eq!(applied(db).await, ALL);
+    assert_eq!(C::read(db).await, C::after_all());
+    assert_hashes_match_contents(db, legacy.len()).await;
+    assert_same_memories(&stored_memories(db).await, &with_empty_metadata(&legacy));
+    assert_eq!(alembic_revisions(db).await, ["001_initial_schema"]);
+
+    migration::migrate_up(db)
+        .await
+        .expect("a second run finds nothing to do");
+    assert_eq!(applied(db).await, ALL);
+}
+
+/// Alembic at 002 (the Python system's own content hashing) counts as
+/// Engram's 001 and 002: only 003 runs, and the rows stay as they were.
+pub(crate) async fn adopts_a_python_database_at_002<C: Catalog>(db: &DatabaseConnection) {
+    as_python_system_left_it(db, 2, "002_add_content_hashing").await;
+    let memory = Memory::new("s1", "fact", "already hashed");
+    insert_hashed(db, &memory).await.expect("insert a v3 row");
+
+    migration::migrate_up(db)
+        .await
+        .expect("adopt and migrate up");
+    assert_eq!(applied(db).await, ALL);
+    assert_eq!(C::read(db).await, C::after_all());
+    assert_eq!(stored_memories(db).await, [memory]);
+}
+
+/// A database Engram cannot place is refused with what was found, and
+/// nothing changes: not even sea-orm's bookkeeping table appears.
+pub(crate) async fn refuses_unknown_schemas_untouched<C: Catalog>(
+    db: &DatabaseConnection,
+    setup: UnknownSchema,
+    expected_message: &str,
+) {
+    match setup {
+        UnknownSchema::AlembicRevision(revision) => {
+            as_python_system_left_it(db, 1, revision).await;
+        }
+        UnknownSchema::HalfUpgradedByPython => {
+            as_python_system_left_it(db, 1, "001_initial_schema").await;
+            db.execute_unprepared("ALTER TABLE memories ADD COLUMN content_hash VARCHAR(64)")
+                .await
+                .expect("add the leftover column");
+        }
+        UnknownSchema::NoBookkeeping => {
+            Migrator::up(db, Some(1)).await.expect("migrate up to 001");
+            db.execute_unprepared("DROP TABLE seaql_migrations")
+                .await
+                .expect("drop the bookkeeping");
+        }
+    }
+    insert_legacy(db, &[Memory::new("s1", "fact", "precious")]).await;
+    let catalog = C::read(db).await;
+    let rows = stored_memories(db).await;
+
+    let error = migration::migrate_up(db)
+        .await
+        .expect_err("an unknown schema must be refused");
+    let message = error.to_string();
+    assert!(
+        message.contains(expected_message) && message.contains("nothing was changed"),
+        "unclear refusal: {message}"
+    );
+    assert!(!has_table(db, "seaql_migrations").await);
+    assert_eq!(C::read(db).await, catalog);
+    assert_eq!(stored_memories(db).await, rows);
+}
+
+/// The database shapes [`refuses_unknown_schemas_untouched`] is run on.
+pub(crate) enum UnknownSchema {
+    AlembicRevision(&'static str),
+    HalfUpgradedByPython,
+    NoBookkeeping,
+}
+
+/// Each unknown shape with the words its refusal must contain.
+pub(crate) const UNKNOWN_SCHEMAS: [(UnknownSchema, &str); 3] = [
+    (
+        UnknownSchema::AlembicRevision("003_something_newer"),
+        "alembic_version holds [\"003_something_newer\"]",
+    ),
+    (
+        UnknownSchema::HalfUpgradedByPython,
+        "memories already has [\"content_hash\"]",
+    ),
+    (
+        UnknownSchema::NoBookkeeping,
+        "found a memories table but no migration bookkeeping",
+    ),
+];

@@ -5,9 +5,6 @@ use std::collections::HashMap;
 
 use engram_domain::error::FieldViolation;
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
-
-use crate::error::ERROR_DOMAIN;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolConfigError {
@@ -30,25 +27,10 @@ impl From<ToolConfigError> for Status {
             ToolConfigError::NotFound { name } => (
                 Code::NotFound,
                 "TOOL_NOT_FOUND",
-                HashMap::from([("resource".to_owned(), name)]),
+                crate::error::resource(name),
                 Vec::new(),
             ),
         };
-        let fields: Vec<&str> = violations.iter().map(|v| v.field.as_str()).collect();
-        let message = if fields.is_empty() {
-            message
-        } else {
-            format!("{message}: {}", fields.join(", "))
-        };
-        let mut details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
-        if !violations.is_empty() {
-            details.set_bad_request(
-                violations
-                    .into_iter()
-                    .map(|v| tonic_types::FieldViolation::new(v.field, v.description))
-                    .collect::<Vec<_>>(),
-            );
-        }
-        Status::with_error_details(code, message, details)
+        crate::error::status(code, message, reason, metadata, violations)
     }
 }

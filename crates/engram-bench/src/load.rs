@@ -1,0 +1,110 @@
+//! Closed-loop load: `concurrency` callers spread over the connections, each sending its next
+//! call when the last one answers. Calls that start during the warm-up are not recorded.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+
+/// One call: the connection to use and a serial number that varies the request.
+pub type Call = Arc<
+    dyn Fn(Channel, u64) -> Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>
+        + Send
+        + Sync,
+>;
+
+pub struct Shape {
+    pub concurrency: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+}
+
+/// What one scenario measured.
+pub struct Measured {
+    pub ok: u64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    pub seconds: f64,
+    /// Latency of successful calls, in microseconds.
+    pub latency: Histogram<u64>,
+}
+
+impl Measured {
+    pub fn per_second(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    pub fn millis_at(&self, quantile: f64) -> f64 {
+        self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at 3 significant digits.
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+pub async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
+    let started = Instant::now();
+    let recording_from = started + shape.warmup;
+    let until = recording_from + shape.duration;
+    let callers: Vec<_> = (0..shape.concurrency)
+        .map(|caller| {
+            let channel = channels[caller % channels.len()].clone();
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut latency = histogram();
+                let (mut errors, mut first_error) = (0u64, None);
+                let mut serial = (caller as u64) << 40;
+                loop {
+                    let sent = Instant::now();
+                    if sent >= until {
+                        break;
+                    }
+                    serial += 1;
+                    let outcome = call(channel.clone(), serial).await;
+                    let answered = Instant::now();
+                    if sent < recording_from || answered > until {
+                        continue;
+                    }
+                    match outcome {
+                        Ok(()) => {
+                            let micros = answered.duration_since(sent).as_micros() as u64;
+                            latency.saturating_record(micros.max(1));
+                        }
+                        Err(status) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| {
+                                format!("{:?}: {}", status.code(), status.message())
+                            });
+                        }
+                    }
+                }
+                (latency, errors, first_error)
+            })
+        })
+        .collect();
+    let mut measured = Measured {
+        ok: 0,
+        errors: 0,
+        first_error: None,
+        seconds: shape.duration.as_secs_f64(),
+        latency: histogram(),
+    };
+    for caller in callers {
+        let (latency, errors, first_error) = caller.await.expect("caller task");
+        measured
+            .latency
+            .add(&latency)
+            .expect("same histogram bounds");
+        measured.errors += errors;
+        if measured.first_error.is_none() {
+            measured.first_error = first_error;
+        }
+    }
+    measured.ok = measured.latency.len();
+    measured
+}

@@ -1,0 +1,195 @@
+//! Group commit of stores. Every StoreMemory and BatchStoreMemories call of the process joins
+//! a queue; one writer takes whatever has queued up, writes it in ONE transaction (one commit,
+//! a handful of statements for the whole group) and answers each caller only once that
+//! transaction is committed, so every acknowledged store is on disk. Under load the group
+//! grows by itself; a lone call is a group of one and waits for nobody.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use engram_domain::memory::NewMemory;
+use engram_domain::names::SessionId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::MemoryError;
+use crate::store::{RequestRecord, StoreOutcome, Tables};
+
+/// Most calls in one group, and most memories (a batch call brings up to 100).
+const MAX_GROUP_CALLS: usize = 256;
+const MAX_GROUP_MEMORIES: usize = 512;
+/// Calls that may wait for the writer; beyond it callers wait to queue (backpressure).
+const QUEUE_CAPACITY: usize = 4096;
+
+/// One store call waiting for its group to commit.
+pub struct PendingStore {
+    pub session: SessionId,
+    pub memories: Vec<NewMemory>,
+    pub now: DateTime<Utc>,
+    pub record: Option<RequestRecord>,
+    pub reply: Box<dyn Reply>,
+}
+
+/// The caller's side of a pending store: builds its response inside the transaction (kept
+/// with the request_id) and receives it after the commit.
+pub trait Reply: Send + Sync {
+    /// Builds the response from the outcomes (again if the group is retried call by call);
+    /// returns its encoding when `keep` is set.
+    fn respond(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>>;
+    /// Takes the kept response of an earlier call with the same request_id.
+    fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError>;
+    /// Sends the response (or the failure) to the caller.
+    fn finish(self: Box<Self>, failure: Option<MemoryError>);
+}
+
+struct TypedReply<R, F> {
+    respond: F,
+    response: Option<R>,
+    caller: oneshot::Sender<Result<R, MemoryError>>,
+}
+
+impl<R, F> Reply for TypedReply<R, F>
+where
+    R: prost::Message + Default + Send + Sync + 'static,
+    F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
+{
+    fn respond(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>> {
+        let response = (self.respond)(outcomes);
+        let encoded = keep.then(|| response.encode_to_vec());
+        self.response = Some(response);
+        encoded
+    }
+
+    fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError> {
+        let response = R::decode(kept).map_err(|error| {
+            MemoryError::Internal(sea_orm::DbErr::Custom(format!(
+                "undecodable kept response: {error}"
+            )))
+        })?;
+        self.response = Some(response);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, failure: Option<MemoryError>) {
+        let result = match (failure, self.response) {
+            (Some(failure), _) => Err(failure),
+            (None, Some(response)) => Ok(response),
+            (None, None) => Err(MemoryError::Internal(sea_orm::DbErr::Custom(
+                "a store finished without a response".to_owned(),
+            ))),
+        };
+        // The caller may have gone (deadline, cancel): what committed stays committed.
+        let _ = self.caller.send(result);
+    }
+}
+
+/// The queue of the process's stores; cheap to clone.
+#[derive(Clone)]
+pub struct StoreQueue {
+    sender: mpsc::Sender<PendingStore>,
+}
+
+impl StoreQueue {
+    /// Starts the writer; it stops when the last queue handle is dropped.
+    pub fn start(tables: Tables) -> Self {
+        let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
+        tokio::spawn(write_groups(tables, receiver));
+        Self { sender }
+    }
+
+    /// Queues a store and waits until its group committed (or failed).
+    pub async fn store<R, F>(
+        &self,
+        session: SessionId,
+        memories: Vec<NewMemory>,
+        now: DateTime<Utc>,
+        record: Option<RequestRecord>,
+        respond: F,
+    ) -> Result<R, MemoryError>
+    where
+        R: prost::Message + Default + Send + Sync + 'static,
+        F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
+    {
+        let (caller, answer) = oneshot::channel();
+        let pending = PendingStore {
+            session,
+            memories,
+            now,
+            record,
+            reply: Box::new(TypedReply {
+                respond,
+                response: None,
+                caller,
+            }),
+        };
+        let stopped = || {
+            MemoryError::Unavailable(sea_orm::DbErr::Custom(
+                "the store writer stopped".to_owned(),
+            ))
+        };
+        self.sender.send(pending).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+async fn write_groups(tables: Tables, mut receiver: mpsc::Receiver<PendingStore>) {
+    let mut held_over: Option<PendingStore> = None;
+    loop {
+        let first = match held_over.take() {
+            Some(pending) => pending,
+            None => match receiver.recv().await {
+                Some(pending) => pending,
+                None => return,
+            },
+        };
+        let mut memories = first.memories.len();
+        let mut request_ids: HashSet<String> = first
+            .record
+            .iter()
+            .map(|record| record.request_id.clone())
+            .collect();
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_CALLS {
+            let Ok(next) = receiver.try_recv() else { break };
+            // A retry of a call in this group must see that call committed: next group.
+            let repeats_a_request = next
+                .record
+                .as_ref()
+                .is_some_and(|record| !request_ids.insert(record.request_id.clone()));
+            if repeats_a_request || memories + next.memories.len() > MAX_GROUP_MEMORIES {
+                held_over = Some(next);
+                break;
+            }
+            memories += next.memories.len();
+            group.push(next);
+        }
+        write_group(&tables, group).await;
+    }
+}
+
+/// Writes a group and answers its callers. When the group's transaction fails, each call is
+/// written again on its own, so one bad call cannot fail the others.
+async fn write_group(tables: &Tables, mut group: Vec<PendingStore>) {
+    let started = std::time::Instant::now();
+    let result = tables.write_group(&mut group).await;
+    tracing::debug!(
+        calls = group.len(),
+        micros = started.elapsed().as_micros() as u64,
+        "group written"
+    );
+    match result {
+        Ok(failures) => {
+            for (pending, failure) in group.into_iter().zip(failures) {
+                pending.reply.finish(failure);
+            }
+        }
+        Err(error) if group.len() == 1 => {
+            let pending = group.pop().expect("one call");
+            pending.reply.finish(Some(error));
+        }
+        Err(_) => {
+            for pending in group {
+                Box::pin(write_group(tables, vec![pending])).await;
+            }
+        }
+    }
+}
