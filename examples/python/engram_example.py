@@ -35,8 +35,8 @@ def expect(condition: bool, what: str) -> None:
 
 def call_metadata(trace_id: str) -> list[tuple[str, str]]:
     """Metadata sent with every call: a W3C traceparent (one trace, a new parent span per call)
-    and, when ENGRAM_TOKEN is set, the bearer token (Engram ignores it today; an auth proxy or a
-    future release reads it from here)."""
+    and, when ENGRAM_TOKEN is set, the bearer token (required by a server configured with
+    auth_tokens)."""
     metadata = [("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")]
     token = os.environ.get("ENGRAM_TOKEN")
     if token:

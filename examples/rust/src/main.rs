@@ -25,8 +25,8 @@ type Failure = Box<dyn std::error::Error>;
 type Client = MemoryServiceClient<InterceptedService<Channel, CallMetadata>>;
 
 /// Metadata added to every call: a W3C traceparent (one trace, a new parent span per call) and,
-/// when ENGRAM_TOKEN is set, the bearer token (Engram ignores it today; an auth proxy or a future
-/// release reads it from here).
+/// when ENGRAM_TOKEN is set, the bearer token (required by a server configured with
+/// auth_tokens).
 #[derive(Clone)]
 struct CallMetadata {
     trace_id: String,

@@ -34,8 +34,8 @@ function expect(condition: boolean, what: string): void {
 
 /**
  * Metadata sent with every call: a W3C traceparent (one trace, a new parent span per call) and,
- * when ENGRAM_TOKEN is set, the bearer token (Engram ignores it today; an auth proxy or a future
- * release reads it from here).
+ * when ENGRAM_TOKEN is set, the bearer token (required by a server configured with
+ * auth_tokens).
  */
 function callMetadata(traceId: string): Metadata {
   const metadata = new Metadata();
