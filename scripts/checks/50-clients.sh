@@ -136,7 +136,9 @@ check_breaking
 echo "buf generate: Python into examples/python/gen, TypeScript into $typescript/src/gen"
 rm -rf "$typescript/dist"
 (cd "$typescript" && node_modules/.bin/tsc -p .)
-cargo build --locked --quiet -p engram-server --bin engram -p engram-example-rust
+# Two commands: a --bin filter would apply to both packages and skip the example's binary.
+cargo build --locked --quiet -p engram-server --bin engram
+cargo build --locked --quiet -p engram-example-rust
 
 start_server "$work" >"$work/address"
 address="$(cat "$work/address")"
