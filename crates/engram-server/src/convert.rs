@@ -65,6 +65,19 @@ impl View {
     }
 }
 
+impl View {
+    /// Near-duplicates with their SimHash distance, nearest first as given.
+    pub fn similar(&self, similar: &[(row::Model, u32)]) -> Vec<pb::SimilarMemory> {
+        similar
+            .iter()
+            .map(|(memory, distance)| pb::SimilarMemory {
+                memory: Some(self.memory(memory)),
+                distance: *distance as i32,
+            })
+            .collect()
+    }
+}
+
 pub fn proto_content_type(kind: ContentType) -> pb::ContentType {
     match kind {
         ContentType::UserInfo => pb::ContentType::UserInfo,

@@ -39,6 +39,12 @@ impl MemoryError {
     }
 }
 
+impl From<FieldViolation> for MemoryError {
+    fn from(violation: FieldViolation) -> Self {
+        MemoryError::InvalidArgument(vec![violation])
+    }
+}
+
 impl From<DbErr> for MemoryError {
     fn from(error: DbErr) -> Self {
         if is_unavailable(&error) {

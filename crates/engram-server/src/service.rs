@@ -65,13 +65,7 @@ fn store_response(view: View, outcome: StoreOutcome) -> pb::StoreMemoryResponse 
     pb::StoreMemoryResponse {
         memory: Some(view.memory(&memory)),
         deduplicated,
-        similar_memories: similar
-            .iter()
-            .map(|(memory, distance)| pb::SimilarMemory {
-                memory: Some(view.memory(memory)),
-                distance: *distance as i32,
-            })
-            .collect(),
+        similar_memories: view.similar(&similar),
         evicted_memories: evicted,
     }
 }
@@ -253,8 +247,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
         let pb::GetMemoryRequest { name } = request.into_inner();
-        let name =
-            parse_memory_name("name", &name).map_err(|v| MemoryError::InvalidArgument(vec![v]))?;
+        let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
         let memory = self.store.get(&name, now).await?;
         Ok(Response::new(self.view(now).memory(&memory)))
     }
@@ -382,8 +375,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
         let pb::DeleteMemoryRequest { name, etag } = request.into_inner();
-        let name =
-            parse_memory_name("name", &name).map_err(|v| MemoryError::InvalidArgument(vec![v]))?;
+        let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
         let etag = (!etag.is_empty()).then_some(etag.as_str());
         let deleted = self.store.delete(&name, etag, now).await?;
         Ok(Response::new(self.view(now).memory(&deleted)))
@@ -395,8 +387,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
         let pb::UndeleteMemoryRequest { name } = request.into_inner();
-        let name =
-            parse_memory_name("name", &name).map_err(|v| MemoryError::InvalidArgument(vec![v]))?;
+        let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
         let restored = self.store.undelete(&name, now).await?;
         Ok(Response::new(self.view(now).memory(&restored)))
     }
@@ -506,13 +497,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
             .await?;
         let view = self.view(now);
         Ok(Response::new(pb::FindSimilarMemoriesResponse {
-            similar_memories: similar
-                .iter()
-                .map(|(memory, distance)| pb::SimilarMemory {
-                    memory: Some(view.memory(memory)),
-                    distance: *distance as i32,
-                })
-                .collect(),
+            similar_memories: view.similar(&similar),
         }))
     }
 }
