@@ -39,6 +39,8 @@ pub trait Reply: Send + Sync {
     fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError>;
     /// Sends the response (or the failure) to the caller.
     fn finish(self: Box<Self>, failure: Option<MemoryError>);
+    /// The caller went away (deadline, cancel) before its group was written.
+    fn is_abandoned(&self) -> bool;
 }
 
 struct TypedReply<R, F> {
@@ -79,6 +81,10 @@ where
         };
         // The caller may have gone (deadline, cancel): what committed stays committed.
         let _ = self.caller.send(result);
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.caller.is_closed()
     }
 }
 
@@ -150,6 +156,11 @@ async fn write_groups(tables: Tables, mut receiver: mpsc::Receiver<PendingStore>
         let mut group = vec![first];
         while group.len() < MAX_GROUP_CALLS {
             let Ok(next) = receiver.try_recv() else { break };
+            // Nobody waits for it (a cancelled call may or may not take effect): under
+            // overload, work for callers that are still there.
+            if next.reply.is_abandoned() {
+                continue;
+            }
             // A retry of a call in this group must see that call committed: next group.
             let repeats_a_request = next
                 .record
@@ -167,7 +178,8 @@ async fn write_groups(tables: Tables, mut receiver: mpsc::Receiver<PendingStore>
 }
 
 /// Writes a group and answers its callers. When the group's transaction fails, each call is
-/// written again on its own, so one bad call cannot fail the others.
+/// written again on its own, so one bad call cannot fail the others; when the database is
+/// unavailable, retrying alone cannot help and every call gets UNAVAILABLE at once.
 async fn write_group(tables: &Tables, mut group: Vec<PendingStore>) {
     let started = std::time::Instant::now();
     let result = tables.write_group(&mut group).await;
@@ -185,6 +197,14 @@ async fn write_group(tables: &Tables, mut group: Vec<PendingStore>) {
         Err(error) if group.len() == 1 => {
             let pending = group.pop().expect("one call");
             pending.reply.finish(Some(error));
+        }
+        Err(MemoryError::Unavailable(error)) => {
+            for pending in group {
+                let failure = sea_orm::DbErr::Custom(format!("database unavailable: {error}"));
+                pending
+                    .reply
+                    .finish(Some(MemoryError::Unavailable(failure)));
+            }
         }
         Err(_) => {
             for pending in group {

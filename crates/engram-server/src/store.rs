@@ -1026,33 +1026,82 @@ async fn write_back(
     })
 }
 
-/// The live memories `condition` selects, with their sessions, in ONE result row: sqlx's
-/// SQLite driver hands every row over from its worker thread (a wake-up each), so a JSON
-/// array of a session's hundred memories is far cheaper than a hundred rows. Importance
-/// travels as text with every digit, so the ranking sees the stored value exactly.
+/// The columns of a [`LiveMemory`] and its session.
+type LiveRow = (
+    String,
+    String,
+    Option<String>,
+    f64,
+    i32,
+    DateTime<Utc>,
+    Option<DateTime<Utc>>,
+);
+
+/// The live memories `condition` selects, with their sessions.
 async fn load_live(
     connection: &impl ConnectionTrait,
     condition: Condition,
 ) -> Result<Vec<SessionLive>, DbErr> {
-    let backend = connection.get_database_backend();
-    let aggregate = match backend {
-        DbBackend::Postgres => {
-            "COALESCE(json_agg(json_build_array(session_id, id, semantic_hash, importance::text, \
-             access_count, created_at, expires_at)), '[]')::text"
-        }
+    let rows = match connection.get_database_backend() {
+        DbBackend::Sqlite => load_live_as_json(connection, condition).await?,
         _ => {
-            "json_group_array(json_array(session_id, id, semantic_hash, \
-             printf('%!.17g', importance), access_count, created_at, expires_at))"
+            Memories::find()
+                .select_only()
+                .columns([
+                    Column::SessionId,
+                    Column::Id,
+                    Column::SemanticHash,
+                    Column::Importance,
+                    Column::AccessCount,
+                    Column::CreatedAt,
+                    Column::ExpiresAt,
+                ])
+                .filter(condition)
+                .into_tuple::<LiveRow>()
+                .all(connection)
+                .await?
         }
     };
+    Ok(rows
+        .into_iter()
+        .map(
+            |(session, id, hash, importance, access_count, created_at, expires_at)| {
+                let memory = LiveMemory {
+                    id,
+                    semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
+                    importance,
+                    access_count,
+                    created_at,
+                    expires_at,
+                };
+                SessionLive(session, memory)
+            },
+        )
+        .collect())
+}
+
+/// SQLite: the rows as ONE JSON array. sqlx's SQLite driver hands every row over from its
+/// worker thread (a wake-up each), so one array of a session's hundred memories is far
+/// cheaper than a hundred rows. Importance travels as text with 17 digits, so the ranking
+/// sees the stored value exactly.
+async fn load_live_as_json(
+    connection: &impl ConnectionTrait,
+    condition: Condition,
+) -> Result<Vec<LiveRow>, DbErr> {
     let query = Query::select()
-        .expr_as(Expr::cust(aggregate), "live")
+        .expr_as(
+            Expr::cust(
+                "json_group_array(json_array(session_id, id, semantic_hash, \
+                 printf('%!.17g', importance), access_count, created_at, expires_at))",
+            ),
+            "live",
+        )
         .from(Memories)
         .cond_where(condition)
         .to_owned();
     let unreadable = |what: &str| DbErr::Type(format!("unreadable live memories: {what}"));
     let json: String = connection
-        .query_one_raw(backend.build(&query))
+        .query_one_raw(DbBackend::Sqlite.build(&query))
         .await?
         .ok_or_else(|| unreadable("no row"))?
         .try_get("", "live")?;
@@ -1069,25 +1118,24 @@ async fn load_live(
     rows.into_iter()
         .map(
             |(session, id, hash, importance, access_count, created_at, expires_at)| {
-                let memory = LiveMemory {
+                Ok((
+                    session,
                     id,
-                    semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
-                    importance: importance.parse().map_err(|_| unreadable("importance"))?,
+                    hash,
+                    importance.parse().map_err(|_| unreadable("importance"))?,
                     access_count,
-                    created_at: parse_timestamp(&created_at)
-                        .ok_or_else(|| unreadable("created_at"))?,
-                    expires_at: expires_at
+                    parse_timestamp(&created_at).ok_or_else(|| unreadable("created_at"))?,
+                    expires_at
                         .map(|at| parse_timestamp(&at).ok_or_else(|| unreadable("expires_at")))
                         .transpose()?,
-                };
-                Ok(SessionLive(session, memory))
+                ))
             },
         )
         .collect()
 }
 
-/// A timestamp as the databases render it in JSON: RFC 3339 (what Engram writes, and
-/// PostgreSQL's JSON), or the space-separated text of rows the Python system wrote.
+/// A timestamp as SQLite keeps it: RFC 3339 (what Engram writes), or the space-separated
+/// text of rows the Python system wrote.
 fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(text)
         .or_else(|_| DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z"))
@@ -1130,8 +1178,7 @@ fn twin_key(memory: &row::Model) -> TwinKey {
 }
 
 /// Inserts the rows that have no twin yet, in order (a later row of the same content is
-/// the earlier one's twin); returns the ids inserted. The unique constraint decides. The ids
-/// come back as one JSON array rather than a RETURNING row each (see [`load_live`]).
+/// the earlier one's twin); returns the ids inserted. The unique constraint decides.
 async fn insert_fresh<'a>(
     transaction: &DatabaseTransaction,
     rows: impl Iterator<Item = &'a row::Model>,
@@ -1140,7 +1187,7 @@ async fn insert_fresh<'a>(
     let backend = transaction.get_database_backend();
     let mut inserted = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let insert = Memories::insert_many(
+        let mut insert = Memories::insert_many(
             chunk
                 .iter()
                 .map(|memory| (*memory).clone().into_active_model().reset_all()),
@@ -1150,24 +1197,29 @@ async fn insert_fresh<'a>(
                 .do_nothing()
                 .to_owned(),
         );
-        transaction.execute_raw(insert.build(backend)).await?;
-        let aggregate = match backend {
-            DbBackend::Postgres => "COALESCE(json_agg(id), '[]')::text",
-            _ => "json_group_array(id)",
-        };
-        let query = Query::select()
-            .expr_as(Expr::cust(aggregate), "ids")
-            .from(Memories)
-            .cond_where(Column::Id.is_in(chunk.iter().map(|memory| memory.id.as_str())))
-            .to_owned();
-        let ids: String = transaction
-            .query_one_raw(backend.build(&query))
-            .await?
-            .ok_or_else(|| DbErr::Type("no inserted ids".to_owned()))?
-            .try_get("", "ids")?;
-        let ids: Vec<String> = serde_json::from_str(&ids)
-            .map_err(|_| DbErr::Type("unreadable inserted ids".to_owned()))?;
-        inserted.extend(ids);
+        if backend == DbBackend::Sqlite {
+            // One JSON array of the ids found afterwards instead of a RETURNING row each
+            // (see `load_live_as_json`).
+            transaction.execute_raw(insert.build(backend)).await?;
+            let query = Query::select()
+                .expr_as(Expr::cust("json_group_array(id)"), "ids")
+                .from(Memories)
+                .cond_where(Column::Id.is_in(chunk.iter().map(|memory| memory.id.as_str())))
+                .to_owned();
+            let ids: String = transaction
+                .query_one_raw(backend.build(&query))
+                .await?
+                .ok_or_else(|| DbErr::Type("no inserted ids".to_owned()))?
+                .try_get("", "ids")?;
+            let ids: Vec<String> = serde_json::from_str(&ids)
+                .map_err(|_| DbErr::Type("unreadable inserted ids".to_owned()))?;
+            inserted.extend(ids);
+        } else {
+            QueryTrait::query(&mut insert).returning_col(Column::Id);
+            for returned in transaction.query_all_raw(insert.build(backend)).await? {
+                inserted.insert(returned.try_get::<String>("", "id")?);
+            }
+        }
     }
     Ok(inserted)
 }
