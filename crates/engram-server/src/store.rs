@@ -306,23 +306,7 @@ impl MemoryStore {
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let found = self
-            .accesses
-            .read(|| async move {
-                let memory = Memories::find()
-                    .filter(by_name(name))
-                    .filter(visible_at(now))
-                    .one(&self.db)
-                    .await?;
-                Ok(Vec::from_iter(memory))
-            })
-            .await?;
-        found
-            .into_iter()
-            .next()
-            .ok_or_else(|| MemoryError::NotFound {
-                name: name.to_string(),
-            })
+        self.visible(&self.db, name, now).await
     }
 
     /// One page in (create time, id) order, and the cursor of the next page if there is one.
@@ -461,10 +445,11 @@ impl MemoryStore {
         Ok(restored)
     }
 
-    /// A visible memory (deleted or not), with the accesses not yet written.
-    async fn visible(
+    /// A visible memory (deleted or not), with the accesses not yet written, read through the
+    /// pool or inside a write transaction.
+    async fn visible<C: ConnectionTrait>(
         &self,
-        transaction: &DatabaseTransaction,
+        connection: &C,
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
@@ -474,7 +459,7 @@ impl MemoryStore {
                 let memory = Memories::find()
                     .filter(by_name(name))
                     .filter(visible_at(now))
-                    .one(transaction)
+                    .one(connection)
                     .await?;
                 Ok(Vec::from_iter(memory))
             })
