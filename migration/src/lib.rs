@@ -16,9 +16,12 @@ mod lock;
 mod m20240101_000001_initial_schema;
 mod m20240115_000002_add_content_hashing;
 mod m20261124_000003_request_log;
+mod m20261124_000004_tenancy;
+mod sqlite_rebuild;
 
 pub use adoption::ALEMBIC_REVISIONS;
 pub use lock::MIGRATION_LOCK_NAME;
+pub use m20261124_000004_tenancy::DEFAULT_TENANT;
 
 use adoption::Bookkeeping;
 use lock::MigrationLock;
@@ -32,6 +35,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20240101_000001_initial_schema::Migration),
             Box::new(m20240115_000002_add_content_hashing::Migration),
             Box::new(m20261124_000003_request_log::Migration),
+            Box::new(m20261124_000004_tenancy::Migration),
         ]
     }
 }

@@ -31,7 +31,7 @@ const PROGRESS_EVERY: usize = 50_000;
 const MAX_INDEXABLE_CONTENT_BYTES: usize = 2600;
 
 /// (name, predicate) of the CHECK constraints 002 adds.
-const CHECKS: [(&str, &str); 2] = [
+pub(crate) const CHECKS: [(&str, &str); 2] = [
     (
         "ck_memory_importance_range",
         "importance >= 0.0 AND importance <= 1.0",
@@ -162,7 +162,7 @@ impl MigrationTrait for Migration {
     }
 }
 
-fn unsupported(backend: DbBackend) -> DbErr {
+pub(crate) fn unsupported(backend: DbBackend) -> DbErr {
     DbErr::Migration(format!(
         "migration 002 supports postgresql and sqlite, not {backend:?}"
     ))
@@ -310,7 +310,7 @@ enum Ids {
 }
 
 /// The `n`th (from 1) bind parameter of a raw statement.
-fn placeholder(backend: DbBackend, n: usize) -> String {
+pub(crate) fn placeholder(backend: DbBackend, n: usize) -> String {
     match backend {
         DbBackend::Postgres => format!("${n}"),
         _ => "?".to_owned(),
@@ -545,7 +545,7 @@ fn hashing_indexes() -> impl Iterator<Item = IndexCreateStatement> {
 }
 
 /// Every secondary index of the v3 table: 001's and 002's.
-fn all_hashed_indexes() -> Vec<IndexCreateStatement> {
+pub(crate) fn all_hashed_indexes() -> Vec<IndexCreateStatement> {
     initial::memories_indexes()
         .into_iter()
         .chain(hashing_indexes())
@@ -556,7 +556,7 @@ fn all_hashed_indexes() -> Vec<IndexCreateStatement> {
 /// place so the two backends cannot drift: 001's columns, then the hashing
 /// columns (where PostgreSQL's ADD COLUMN puts them), the backfilled columns
 /// NOT NULL, the hash-based unique constraint and the checks.
-fn hashed_memories_table() -> TableCreateStatement {
+pub(crate) fn hashed_memories_table() -> TableCreateStatement {
     let mut table = Table::create().table(Memories::Table).to_owned();
     let initial_columns = initial::memories_table().get_columns().clone();
     for mut column in initial_columns.into_iter().chain(hashing_columns()) {
@@ -583,7 +583,7 @@ fn hashed_memories_table() -> TableCreateStatement {
 /// `memories` (https://www.sqlite.org/lang_altertable.html#otheralter): create
 /// `target` under a scratch name, copy the columns it declares, swap it in and
 /// recreate `indexes` (dropping the old table dropped its indexes).
-async fn rebuild_sqlite_memories(
+pub(crate) async fn rebuild_sqlite_memories(
     manager: &SchemaManager<'_>,
     mut target: TableCreateStatement,
     indexes: Vec<IndexCreateStatement>,
@@ -625,7 +625,7 @@ async fn rebuild_sqlite_memories(
 }
 
 /// The single integer a `SELECT COUNT(*) ...` returns.
-async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
+pub(crate) async fn count(manager: &SchemaManager<'_>, sql: &str) -> Result<i64, DbErr> {
     let statement = Statement::from_string(manager.get_database_backend(), sql);
     manager
         .get_connection()

@@ -23,42 +23,11 @@ impl MigrationTrait for Migration {
     }
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager
-            .create_table(
-                Table::create()
-                    .table(MemoryRequests::Table)
-                    .col(
-                        ColumnDef::new(MemoryRequests::RequestId)
-                            .string_len(36)
-                            .not_null()
-                            .primary_key(),
-                    )
-                    // Digest of the request, to reject a reused request_id with a different body.
-                    .col(
-                        ColumnDef::new(MemoryRequests::RequestDigest)
-                            .string_len(64)
-                            .not_null(),
-                    )
-                    // The encoded response returned to the first call (bytea on PostgreSQL).
-                    .col(ColumnDef::new(MemoryRequests::Response).blob().not_null())
-                    .col(
-                        ColumnDef::new(MemoryRequests::CreatedAt)
-                            .timestamp_with_time_zone()
-                            .not_null(),
-                    )
-                    .to_owned(),
-            )
-            .await?;
-        // Expired entries are purged by age.
-        manager
-            .create_index(
-                Index::create()
-                    .name("ix_memory_requests_created_at")
-                    .table(MemoryRequests::Table)
-                    .col(MemoryRequests::CreatedAt)
-                    .to_owned(),
-            )
-            .await
+        manager.create_table(memory_requests_table()).await?;
+        for index in memory_requests_indexes() {
+            manager.create_index(index).await?;
+        }
+        Ok(())
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
@@ -66,4 +35,49 @@ impl MigrationTrait for Migration {
             .drop_table(Table::drop().table(MemoryRequests::Table).to_owned())
             .await
     }
+}
+
+/// The 003 `memory_requests` table; 004 rebuilds this shape when rolled back on SQLite.
+pub(crate) fn memory_requests_table() -> TableCreateStatement {
+    let mut table = Table::create().table(MemoryRequests::Table).to_owned();
+    for column in memory_requests_columns() {
+        table.col(column);
+    }
+    table.primary_key(Index::create().col(MemoryRequests::RequestId));
+    table
+}
+
+/// The columns of `memory_requests`; 004 adds the tenant to them and to the key.
+pub(crate) fn memory_requests_columns() -> [ColumnDef; 4] {
+    [
+        ColumnDef::new(MemoryRequests::RequestId)
+            .string_len(36)
+            .not_null()
+            .to_owned(),
+        // Digest of the request, to reject a reused request_id with a different body.
+        ColumnDef::new(MemoryRequests::RequestDigest)
+            .string_len(64)
+            .not_null()
+            .to_owned(),
+        // The encoded response returned to the first call (bytea on PostgreSQL).
+        ColumnDef::new(MemoryRequests::Response)
+            .blob()
+            .not_null()
+            .to_owned(),
+        ColumnDef::new(MemoryRequests::CreatedAt)
+            .timestamp_with_time_zone()
+            .not_null()
+            .to_owned(),
+    ]
+}
+
+/// Expired entries are purged by age.
+pub(crate) fn memory_requests_indexes() -> Vec<IndexCreateStatement> {
+    vec![
+        Index::create()
+            .name("ix_memory_requests_created_at")
+            .table(MemoryRequests::Table)
+            .col(MemoryRequests::CreatedAt)
+            .to_owned(),
+    ]
 }

@@ -173,26 +173,41 @@ impl Catalog for PgCatalog {
     }
 
     fn after_all() -> Self {
-        let mut columns = initial_memories_columns("memories.metadata json NOT NULL");
-        columns.extend(
-            [
-                "memories.content_hash character varying(64) NOT NULL",
-                "memories.semantic_hash character varying(64)",
-                "memories.expires_at timestamp with time zone",
-                "memories.deleted_at timestamp with time zone",
-                "memory_requests.request_id character varying(36) NOT NULL",
-                "memory_requests.request_digest character varying(64) NOT NULL",
-                "memory_requests.response bytea NOT NULL",
-                "memory_requests.created_at timestamp with time zone NOT NULL",
-            ]
-            .map(String::from),
-        );
+        const TENANT: &str = "character varying(64) NOT NULL DEFAULT 'default'::character varying";
+        let mut columns: Vec<String> = [
+            "audit_events.id character varying(36) NOT NULL",
+            "audit_events.tenant_id character varying(64) NOT NULL",
+            "audit_events.principal character varying(255) NOT NULL",
+            "audit_events.action character varying(64) NOT NULL",
+            "audit_events.resource text NOT NULL",
+            "audit_events.filter text NOT NULL",
+            "audit_events.affected bigint NOT NULL",
+            "audit_events.created_at timestamp with time zone NOT NULL",
+        ]
+        .map(String::from)
+        .to_vec();
+        columns.extend(initial_memories_columns("memories.metadata json NOT NULL"));
+        columns.extend([
+            "memories.content_hash character varying(64) NOT NULL".to_owned(),
+            "memories.semantic_hash character varying(64)".to_owned(),
+            "memories.expires_at timestamp with time zone".to_owned(),
+            "memories.deleted_at timestamp with time zone".to_owned(),
+            format!("memories.tenant_id {TENANT}"),
+            "memory_requests.request_id character varying(36) NOT NULL".to_owned(),
+            "memory_requests.request_digest character varying(64) NOT NULL".to_owned(),
+            "memory_requests.response bytea NOT NULL".to_owned(),
+            "memory_requests.created_at timestamp with time zone NOT NULL".to_owned(),
+            format!("memory_requests.tenant_id {TENANT}"),
+        ]);
         Self {
             columns,
             indexes: sorted([
+                "CREATE INDEX ix_audit_events_tenant_created ON public.audit_events \
+                 USING btree (tenant_id, created_at)",
+                "CREATE UNIQUE INDEX audit_events_pkey ON public.audit_events USING btree (id)",
                 "CREATE UNIQUE INDEX memories_pkey ON public.memories USING btree (id)",
-                "CREATE UNIQUE INDEX uq_memory_session_content_hash ON public.memories \
-                 USING btree (session_id, content_type, content_hash)",
+                "CREATE UNIQUE INDEX uq_memory_tenant_session_content_hash ON public.memories \
+                 USING btree (tenant_id, session_id, content_type, content_hash)",
                 "CREATE INDEX ix_memories_session_id ON public.memories USING btree (session_id)",
                 "CREATE INDEX ix_memory_created_at ON public.memories USING btree (created_at)",
                 "CREATE INDEX ix_memory_content_hash ON public.memories USING btree (content_hash)",
@@ -206,18 +221,19 @@ impl Catalog for PgCatalog {
                 "CREATE INDEX ix_memory_cleanup ON public.memories \
                  USING btree (session_id, last_accessed, importance) WHERE (deleted_at IS NULL)",
                 "CREATE UNIQUE INDEX memory_requests_pkey ON public.memory_requests \
-                 USING btree (request_id)",
+                 USING btree (tenant_id, request_id)",
                 "CREATE INDEX ix_memory_requests_created_at ON public.memory_requests \
                  USING btree (created_at)",
             ]),
             constraints: sorted([
+                "audit_events audit_events_pkey PRIMARY KEY (id)",
                 "memories memories_pkey PRIMARY KEY (id)",
-                "memories uq_memory_session_content_hash \
-                 UNIQUE (session_id, content_type, content_hash)",
+                "memories uq_memory_tenant_session_content_hash \
+                 UNIQUE (tenant_id, session_id, content_type, content_hash)",
                 "memories ck_memory_importance_range CHECK (((importance >= (0.0)::double precision) \
                  AND (importance <= (1.0)::double precision)))",
                 "memories ck_memory_access_count_positive CHECK ((access_count >= 0))",
-                "memory_requests memory_requests_pkey PRIMARY KEY (request_id)",
+                "memory_requests memory_requests_pkey PRIMARY KEY (tenant_id, request_id)",
             ]),
         }
     }
@@ -253,6 +269,13 @@ async fn legacy_rows_survive_up_and_down() {
     let db = database.connect().await;
     let legacy = common::legacy_memories(&[]);
     common::legacy_rows_survive_up_and_down::<PgCatalog>(&db, &legacy).await;
+}
+
+#[tokio::test]
+async fn tenancy_scopes_duplicates_and_guards_its_downgrade() {
+    let database = FreshDatabase::create().await;
+    let db = database.connect().await;
+    common::tenancy_scopes_duplicates_and_guards_its_downgrade::<PgCatalog>(&db).await;
 }
 
 #[tokio::test]
@@ -306,9 +329,9 @@ async fn down_refuses_content_too_long_for_the_initial_unique_constraint() {
     let database = FreshDatabase::create().await;
     let db = database.connect().await;
     Migrator::up(&db, None).await.expect("migrate up");
-    Migrator::down(&db, Some(1))
+    Migrator::down(&db, Some(2))
         .await
-        .expect("roll back the request log");
+        .expect("roll back tenancy and the request log");
     let at_limit = Memory::new("s1", "fact", &"x".repeat(2600));
     // 1301 characters but 2602 bytes.
     let too_long = Memory::new("s1", "fact", &"é".repeat(1301));

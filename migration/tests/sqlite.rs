@@ -72,23 +72,41 @@ impl Catalog for SqliteCatalog {
     }
 
     fn after_all() -> Self {
-        let mut columns = initial_memories_columns("memories.metadata json_text NOT NULL");
+        let mut columns: Vec<String> = [
+            "audit_events.id varchar(36) NOT NULL PRIMARY KEY",
+            "audit_events.tenant_id varchar(64) NOT NULL",
+            "audit_events.principal varchar(255) NOT NULL",
+            "audit_events.action varchar(64) NOT NULL",
+            "audit_events.resource TEXT NOT NULL",
+            "audit_events.filter TEXT NOT NULL",
+            "audit_events.affected INTEGER NOT NULL",
+            "audit_events.created_at timestamp_with_timezone_text NOT NULL",
+        ]
+        .map(String::from)
+        .to_vec();
+        columns.extend(initial_memories_columns(
+            "memories.metadata json_text NOT NULL",
+        ));
         columns.extend(
             [
                 "memories.content_hash varchar(64) NOT NULL",
                 "memories.semantic_hash varchar(64)",
                 "memories.expires_at timestamp_with_timezone_text",
                 "memories.deleted_at timestamp_with_timezone_text",
+                "memories.tenant_id varchar(64) NOT NULL DEFAULT 'default'",
                 "memory_requests.request_id varchar(36) NOT NULL PRIMARY KEY",
                 "memory_requests.request_digest varchar(64) NOT NULL",
                 "memory_requests.response BLOB NOT NULL",
                 "memory_requests.created_at timestamp_with_timezone_text NOT NULL",
+                "memory_requests.tenant_id varchar(64) NOT NULL DEFAULT 'default' PRIMARY KEY",
             ]
             .map(String::from),
         );
         Self {
             columns,
             indexes: sorted([
+                "ix_audit_events_tenant_created ON audit_events (tenant_id, created_at) unique=0 origin=c",
+                "sqlite_autoindex_audit_events_1 ON audit_events (id) unique=1 origin=pk",
                 "ix_memories_session_id ON memories (session_id) unique=0 origin=c",
                 "ix_memory_created_at ON memories (created_at) unique=0 origin=c",
                 "ix_memory_content_hash ON memories (content_hash) unique=0 origin=c",
@@ -102,13 +120,14 @@ impl Catalog for SqliteCatalog {
                 "ix_memory_cleanup ON memories (session_id, last_accessed, importance) \
                  unique=0 origin=c WHERE deleted_at IS NULL",
                 "sqlite_autoindex_memories_1 ON memories (id) unique=1 origin=pk",
-                "sqlite_autoindex_memories_2 ON memories (session_id, content_type, content_hash) \
-                 unique=1 origin=u",
+                "sqlite_autoindex_memories_2 ON memories \
+                 (tenant_id, session_id, content_type, content_hash) unique=1 origin=u",
                 "ix_memory_requests_created_at ON memory_requests (created_at) unique=0 origin=c",
-                "sqlite_autoindex_memory_requests_1 ON memory_requests (request_id) unique=1 origin=pk",
+                "sqlite_autoindex_memory_requests_1 ON memory_requests (tenant_id, request_id) \
+                 unique=1 origin=pk",
             ]),
             constraints: [
-                r#"memories CONSTRAINT "uq_memory_session_content_hash" UNIQUE ("session_id", "content_type", "content_hash")"#,
+                r#"memories CONSTRAINT "uq_memory_tenant_session_content_hash" UNIQUE ("tenant_id", "session_id", "content_type", "content_hash")"#,
                 r#"memories CONSTRAINT "ck_memory_importance_range" CHECK (importance >= 0.0 AND importance <= 1.0)"#,
                 r#"memories CONSTRAINT "ck_memory_access_count_positive" CHECK (access_count >= 0)"#,
             ]
@@ -222,6 +241,12 @@ async fn legacy_rows_survive_up_and_down() {
     let long = Memory::new("s3", "fact", &"long legacy text ".repeat(6_000));
     let legacy = common::legacy_memories(&[long]);
     common::legacy_rows_survive_up_and_down::<SqliteCatalog>(&db, &legacy).await;
+}
+
+#[tokio::test]
+async fn tenancy_scopes_duplicates_and_guards_its_downgrade() {
+    let (_dir, db) = fresh_database().await;
+    common::tenancy_scopes_duplicates_and_guards_its_downgrade::<SqliteCatalog>(&db).await;
 }
 
 #[tokio::test]
@@ -351,9 +376,9 @@ async fn legacy_timestamps_become_the_services_text_and_back() {
     db.execute_unprepared("DELETE FROM memories WHERE id = 'probe'")
         .await
         .expect("delete the probe");
-    Migrator::down(&db, Some(1))
+    Migrator::down(&db, Some(2))
         .await
-        .expect("roll back the request log");
+        .expect("roll back tenancy and the request log");
     migration::migrate_down(&db)
         .await
         .expect("migrate down to 001");

@@ -15,10 +15,11 @@ use migration::{Alias, Expr, Migrator, MigratorTrait, Query, SchemaManager, Valu
 use uuid::Uuid;
 
 pub(crate) const INITIAL: &str = "m20240101_000001_initial_schema";
-pub(crate) const ALL: [&str; 3] = [
+pub(crate) const ALL: [&str; 4] = [
     "m20240101_000001_initial_schema",
     "m20240115_000002_add_content_hashing",
     "m20261124_000003_request_log",
+    "m20261124_000004_tenancy",
 ];
 
 /// The corpus `scripts/gen_hash_fixtures.py` hashed with the reference
@@ -452,11 +453,16 @@ pub(crate) async fn legacy_rows_survive_up_and_down<C: Catalog>(
         .expect("migrate up from 001");
     assert_eq!(C::read(db).await, C::after_all());
     assert_hashes_match_contents(db, legacy.len()).await;
+    assert_eq!(
+        tenants(db).await,
+        [migration::DEFAULT_TENANT],
+        "legacy rows belong to the default tenant"
+    );
     assert_same_memories(&stored_memories(db).await, &with_empty_metadata(legacy));
 
-    Migrator::down(db, Some(1))
+    Migrator::down(db, Some(2))
         .await
-        .expect("roll back the request log");
+        .expect("roll back tenancy and the request log");
     migration::migrate_down(db)
         .await
         .expect("migrate down to 001");
@@ -842,3 +848,84 @@ pub(crate) const UNKNOWN_SCHEMAS: [(UnknownSchema, &str); 3] = [
         "found a memories table but no migration bookkeeping",
     ),
 ];
+
+/// The distinct tenants of `memories`.
+async fn tenants(db: &DatabaseConnection) -> Vec<String> {
+    query_all(
+        db,
+        "SELECT DISTINCT tenant_id FROM memories ORDER BY tenant_id",
+    )
+    .await
+    .iter()
+    .map(|row| get(row, "tenant_id"))
+    .collect()
+}
+
+/// 004 scopes exact duplicates by tenant, and its downgrade refuses, changing
+/// nothing, while another tenant's memories exist: folded into one space they
+/// would be readable across tenants.
+pub(crate) async fn tenancy_scopes_duplicates_and_guards_its_downgrade<C: Catalog>(
+    db: &DatabaseConnection,
+) {
+    migration::migrate_up(db).await.expect("migrate up");
+    let memory = Memory::new("s1", "fact", "Hello World");
+    insert_hashed(db, &memory)
+        .await
+        .expect("a default-tenant memory");
+    let foreign_id = Uuid::new_v4().to_string();
+    let same_in_acme = Statement::from_sql_and_values(
+        db.get_database_backend(),
+        format!(
+            "INSERT INTO memories (id, tenant_id, session_id, content_type, content, metadata, \
+             content_hash, created_at, updated_at) VALUES ({})",
+            (1..=9)
+                .map(|n| match db.get_database_backend() {
+                    DbBackend::Postgres => format!("${n}"),
+                    _ => "?".to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        [
+            Value::from(foreign_id.as_str()),
+            "acme".into(),
+            "s1".into(),
+            "fact".into(),
+            "Hello World".into(),
+            Value::Json(Some(Box::new(json("{}")))),
+            text::content_hash("Hello World").into(),
+            memory.created_at.into(),
+            memory.updated_at.into(),
+        ],
+    );
+    db.execute_raw(same_in_acme)
+        .await
+        .expect("the same session and content under another tenant is no duplicate");
+    assert_eq!(tenants(db).await, ["acme", "default"]);
+
+    let error = migration::migrate_down(db)
+        .await
+        .expect_err("another tenant's memory must stop the downgrade");
+    assert!(
+        error
+            .to_string()
+            .contains("1 memory row(s) belong to tenants other than \"default\""),
+        "unclear refusal: {error}"
+    );
+    assert_eq!(applied(db).await, ALL);
+    assert_eq!(C::read(db).await, C::after_all());
+    assert_eq!(stored_memories(db).await.len(), 2);
+
+    db.execute_unprepared(&format!("DELETE FROM memories WHERE id = '{foreign_id}'"))
+        .await
+        .expect("purge the other tenant");
+    migration::migrate_down(db)
+        .await
+        .expect("downgrade once only the default tenant is left");
+    assert_eq!(applied(db).await, ALL[..3]);
+    assert_eq!(stored_memories(db).await, std::slice::from_ref(&memory));
+    migration::migrate_up(db).await.expect("migrate up again");
+    assert_eq!(C::read(db).await, C::after_all());
+    assert_eq!(stored_memories(db).await, [memory]);
+    assert_eq!(tenants(db).await, [migration::DEFAULT_TENANT]);
+}

@@ -1,0 +1,58 @@
+//! SQLite cannot add or drop constraints in place, so a migration that changes
+//! them rebuilds the table (https://www.sqlite.org/lang_altertable.html#otheralter).
+
+use sea_orm_migration::prelude::*;
+
+/// Rebuilds the table `target` names into `target`'s shape: creates it under a
+/// scratch name, copies the columns it declares from the current table, swaps
+/// it in and recreates `indexes` (dropping the old table dropped its indexes).
+/// Every column `target` declares must exist in the current table.
+pub(crate) async fn rebuild_sqlite_table(
+    manager: &SchemaManager<'_>,
+    mut target: TableCreateStatement,
+    indexes: Vec<IndexCreateStatement>,
+) -> Result<(), DbErr> {
+    let table = match target.get_table_name() {
+        Some(TableRef::Table(TableName(_, name), _)) => name.to_string(),
+        _ => {
+            return Err(DbErr::Migration(
+                "a rebuilt table needs a plain name".to_owned(),
+            ));
+        }
+    };
+    let scratch = Alias::new(format!("{table}_rebuild"));
+    let columns: Vec<Alias> = target
+        .get_columns()
+        .iter()
+        .map(|column| Alias::new(column.get_column_name()))
+        .collect();
+    manager
+        .create_table(target.table(scratch.clone()).to_owned())
+        .await?;
+    let copy = Query::insert()
+        .into_table(scratch.clone())
+        .columns(columns.clone())
+        .select_from(
+            Query::select()
+                .columns(columns)
+                .from(Alias::new(&table))
+                .to_owned(),
+        )
+        .map_err(|error| DbErr::Migration(format!("cannot build the {table} copy: {error}")))?
+        .to_owned();
+    manager.execute(copy).await?;
+    manager
+        .drop_table(Table::drop().table(Alias::new(&table)).to_owned())
+        .await?;
+    manager
+        .rename_table(
+            Table::rename()
+                .table(scratch, Alias::new(&table))
+                .to_owned(),
+        )
+        .await?;
+    for index in indexes {
+        manager.create_index(index).await?;
+    }
+    Ok(())
+}
