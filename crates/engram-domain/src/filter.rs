@@ -14,6 +14,17 @@ pub enum PurgeScope {
     Everything,
 }
 
+impl PurgeScope {
+    /// The filter in its canonical spelling, as audit records keep it.
+    pub fn filter(self) -> &'static str {
+        match self {
+            Self::Expired => "state = EXPIRED",
+            Self::Deleted => "state = DELETED",
+            Self::Everything => "*",
+        }
+    }
+}
+
 /// Parses `content_type = FACT OR content_type = "PREFERENCE"`; empty means every type.
 /// Values may also be written as the proto enum names (`CONTENT_TYPE_FACT`).
 pub fn parse_content_type_filter(filter: &str) -> Result<Vec<ContentType>, String> {
@@ -113,6 +124,13 @@ mod tests {
     #[test]
     fn purge_filters() {
         assert_eq!(parse_purge_filter("*"), Ok(PurgeScope::Everything));
+        for scope in [
+            PurgeScope::Expired,
+            PurgeScope::Deleted,
+            PurgeScope::Everything,
+        ] {
+            assert_eq!(parse_purge_filter(scope.filter()), Ok(scope));
+        }
         assert_eq!(parse_purge_filter("state=EXPIRED"), Ok(PurgeScope::Expired));
         assert_eq!(
             parse_purge_filter("state = DELETED"),

@@ -41,6 +41,16 @@ pub enum SessionScope {
     All,
 }
 
+impl SessionScope {
+    /// The parent as a request names it.
+    pub fn name(&self) -> String {
+        match self {
+            Self::One(session) => session.name(),
+            Self::All => "sessions/-".to_owned(),
+        }
+    }
+}
+
 /// A memory's full name, split and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemoryName {
@@ -162,6 +172,7 @@ mod tests {
             parse_session_scope("parent", "sessions/-").unwrap(),
             SessionScope::All
         );
+        assert_eq!(SessionScope::All.name(), "sessions/-");
         assert!(parse_session_name("parent", "sessions/-").is_err());
     }
 }

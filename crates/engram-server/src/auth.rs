@@ -41,6 +41,10 @@ pub enum Role {
 pub struct Caller {
     pub tenant: String,
     pub role: Role,
+    /// Who, for audit records and never secret: `token:` and the first 12 hex digits of the
+    /// token's SHA-256, `certificate:` and the client certificate's common name, or
+    /// `unauthenticated`.
+    pub principal: String,
 }
 
 /// One configured token: `[[auth_tokens]]` in the TOML file, or in ENGRAM_AUTH_TOKENS.
@@ -172,6 +176,7 @@ impl Authenticator {
                 Caller {
                     tenant: token.tenant.clone(),
                     role: token.role,
+                    principal: String::new(),
                 },
             ));
         }
@@ -185,6 +190,7 @@ impl Authenticator {
                         Caller {
                             tenant: client.tenant.clone(),
                             role: client.role,
+                            principal: format!("certificate:{}", client.common_name),
                         },
                     )
                 })
@@ -206,9 +212,17 @@ impl Authenticator {
         let mut grants = Vec::with_capacity(self.sources.len());
         for (secret, caller) in &self.sources {
             if let Some(token) = secret.current().await {
+                let digest: [u8; 32] = Sha256::digest(token.expose_secret().as_bytes()).into();
+                let fingerprint: String = digest[..6]
+                    .iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect();
                 grants.push(Grant {
-                    digest: Sha256::digest(token.expose_secret().as_bytes()).into(),
-                    caller: caller.clone(),
+                    digest,
+                    caller: Caller {
+                        principal: format!("token:{fingerprint}"),
+                        ..caller.clone()
+                    },
                 });
             }
         }
@@ -226,6 +240,7 @@ impl Authenticator {
             return Ok(Caller {
                 tenant: DEFAULT_TENANT.to_owned(),
                 role: Role::Admin,
+                principal: "unauthenticated".to_owned(),
             });
         }
         if let Some(certificate) = client_certificate {
@@ -377,7 +392,9 @@ mod tests {
                 .unwrap(),
             Caller {
                 tenant: "acme".into(),
-                role: Role::Agent
+                role: Role::Agent,
+                // The first 6 bytes of SHA-256("tok-acme-123") (sha256sum).
+                principal: "token:2c1c2fd8b035".into(),
             }
         );
         assert_eq!(
@@ -411,7 +428,8 @@ mod tests {
             auth.authenticate_token(&MetadataMap::new()).unwrap(),
             Caller {
                 tenant: DEFAULT_TENANT.into(),
-                role: Role::Admin
+                role: Role::Admin,
+                principal: "unauthenticated".into(),
             }
         );
     }
@@ -422,10 +440,11 @@ mod tests {
         let acme = Caller {
             tenant: "acme".into(),
             role: Role::Agent,
+            principal: "token:acme".into(),
         };
         let other = Caller {
             tenant: "other".into(),
-            role: Role::Agent,
+            ..acme.clone()
         };
         assert!(auth.admit(&acme).is_ok() && auth.admit(&acme).is_ok());
         let refused = auth.admit(&acme).unwrap_err();
@@ -468,7 +487,8 @@ mod tests {
         assert_eq!(
             require_admin(&Caller {
                 tenant: "a".into(),
-                role: Role::Agent
+                role: Role::Agent,
+                principal: "token:a".into(),
             })
             .unwrap_err()
             .code(),
@@ -477,7 +497,8 @@ mod tests {
         assert!(
             require_admin(&Caller {
                 tenant: "a".into(),
-                role: Role::Admin
+                role: Role::Admin,
+                principal: "token:a".into(),
             })
             .is_ok()
         );

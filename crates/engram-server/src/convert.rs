@@ -23,6 +23,8 @@ impl View {
     pub fn memory(&self, row: &row::Model) -> pb::Memory {
         let row::Model {
             id,
+            // The caller's own: the resource name is relative to its tenant.
+            tenant_id: _,
             session_id,
             content_type,
             content,

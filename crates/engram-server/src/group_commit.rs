@@ -22,6 +22,7 @@ const QUEUE_CAPACITY: usize = 4096;
 
 /// One store call waiting for its group to commit.
 pub struct PendingStore {
+    pub tenant: String,
     pub session: SessionId,
     pub memories: Vec<NewMemory>,
     pub now: DateTime<Utc>,
@@ -105,6 +106,7 @@ impl StoreQueue {
     /// Queues a store and waits until its group committed (or failed).
     pub async fn store<R, F>(
         &self,
+        tenant: String,
         session: SessionId,
         memories: Vec<NewMemory>,
         now: DateTime<Utc>,
@@ -117,6 +119,7 @@ impl StoreQueue {
     {
         let (caller, answer) = oneshot::channel();
         let pending = PendingStore {
+            tenant,
             session,
             memories,
             now,

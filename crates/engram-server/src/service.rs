@@ -139,6 +139,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::StoreMemoryRequest>,
     ) -> Result<Response<pb::StoreMemoryResponse>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let request = request.into_inner();
         let mut violations = Violations::default();
         let record = violations.check(request_record("request_id", &request.request_id, &request));
@@ -163,10 +164,17 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let view = self.view(now);
         let response = self
             .store
-            .store(session, vec![memory], now, record, move |outcomes| {
-                let outcome = outcomes.into_iter().next().expect("one outcome per memory");
-                store_response(view, outcome)
-            })
+            .store(
+                tenant,
+                session,
+                vec![memory],
+                now,
+                record,
+                move |outcomes| {
+                    let outcome = outcomes.into_iter().next().expect("one outcome per memory");
+                    store_response(view, outcome)
+                },
+            )
             .await?;
         Ok(Response::new(response))
     }
@@ -176,6 +184,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::BatchStoreMemoriesRequest>,
     ) -> Result<Response<pb::BatchStoreMemoriesResponse>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let request = request.into_inner();
         let mut violations = Violations::default();
         let record = violations.check(request_record("request_id", &request.request_id, &request));
@@ -229,7 +238,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let view = self.view(now);
         let response = self
             .store
-            .store(session, memories, now, record, move |outcomes| {
+            .store(tenant, session, memories, now, record, move |outcomes| {
                 pb::BatchStoreMemoriesResponse {
                     responses: outcomes
                         .into_iter()
@@ -246,9 +255,10 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::GetMemoryRequest>,
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::GetMemoryRequest { name } = request.into_inner();
         let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
-        let memory = self.store.get(&name, now).await?;
+        let memory = self.store.get(&tenant, &name, now).await?;
         Ok(Response::new(self.view(now).memory(&memory)))
     }
 
@@ -257,6 +267,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::ListMemoriesRequest>,
     ) -> Result<Response<pb::ListMemoriesResponse>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::ListMemoriesRequest {
             parent,
             page_size: requested_size,
@@ -304,6 +315,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
             unreachable!("validated")
         };
         let query = ListQuery {
+            tenant,
             session,
             content_types,
             show_deleted,
@@ -325,6 +337,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::UpdateMemoryRequest>,
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::UpdateMemoryRequest {
             memory,
             update_mask,
@@ -365,7 +378,10 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         invalid(violations)?;
         let name = name.expect("validated");
         let etag = (!memory.etag.is_empty()).then_some(memory.etag.as_str());
-        let updated = self.store.update(&name, etag, changes, now).await?;
+        let updated = self
+            .store
+            .update(&tenant, &name, etag, changes, now)
+            .await?;
         Ok(Response::new(self.view(now).memory(&updated)))
     }
 
@@ -374,10 +390,11 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::DeleteMemoryRequest>,
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
+        let caller = caller(&request);
         let pb::DeleteMemoryRequest { name, etag } = request.into_inner();
         let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
         let etag = (!etag.is_empty()).then_some(etag.as_str());
-        let deleted = self.store.delete(&name, etag, now).await?;
+        let deleted = self.store.delete(&caller, &name, etag, now).await?;
         Ok(Response::new(self.view(now).memory(&deleted)))
     }
 
@@ -386,9 +403,10 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::UndeleteMemoryRequest>,
     ) -> Result<Response<pb::Memory>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::UndeleteMemoryRequest { name } = request.into_inner();
         let name = parse_memory_name("name", &name).map_err(MemoryError::from)?;
-        let restored = self.store.undelete(&name, now).await?;
+        let restored = self.store.undelete(&tenant, &name, now).await?;
         Ok(Response::new(self.view(now).memory(&restored)))
     }
 
@@ -414,7 +432,10 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let (Some(sessions), Some(scope)) = (sessions, scope) else {
             unreachable!("validated")
         };
-        let (purge_count, purge_sample) = self.store.purge(&sessions, scope, force, now).await?;
+        let (purge_count, purge_sample) = self
+            .store
+            .purge(&caller, &sessions, scope, force, now)
+            .await?;
         Ok(Response::new(pb::PurgeMemoriesResponse {
             purge_count: purge_count as i64,
             purge_sample,
@@ -426,6 +447,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::RetrieveMemoriesRequest>,
     ) -> Result<Response<pb::RetrieveMemoriesResponse>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::RetrieveMemoriesRequest {
             parent,
             content_types,
@@ -453,7 +475,14 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         };
         let memories = self
             .store
-            .retrieve(&session, &content_types, min_importance, limit, now)
+            .retrieve(
+                &tenant,
+                &session,
+                &content_types,
+                min_importance,
+                limit,
+                now,
+            )
             .await?;
         let view = self.view(now);
         Ok(Response::new(pb::RetrieveMemoriesResponse {
@@ -466,6 +495,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         request: Request<pb::FindSimilarMemoriesRequest>,
     ) -> Result<Response<pb::FindSimilarMemoriesResponse>, Status> {
         let now = now();
+        let tenant = caller(&request).tenant;
         let pb::FindSimilarMemoriesRequest {
             parent,
             content,
@@ -493,7 +523,13 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         };
         let similar = self
             .store
-            .find_similar(&session, text::semantic_hash(&content), max_distance, now)
+            .find_similar(
+                &tenant,
+                &session,
+                text::semantic_hash(&content),
+                max_distance,
+                now,
+            )
             .await?;
         let view = self.view(now);
         Ok(Response::new(pb::FindSimilarMemoriesResponse {

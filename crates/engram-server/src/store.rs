@@ -7,13 +7,13 @@
 //! transaction and a few set-based statements for every store queued meanwhile. Accesses are
 //! written behind (`crate::access`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
-use engram_domain::entity::{memory as row, memory_request};
+use engram_domain::entity::{audit_event, memory as row, memory_request};
 use engram_domain::filter::PurgeScope;
 use engram_domain::memory::{ContentType, NewMemory, merge_into_twin};
 use engram_domain::names::{MemoryName, SessionId, SessionScope};
@@ -30,6 +30,7 @@ use sea_orm::{
 };
 
 use crate::access::{AccessTracker, Accesses, Tracked};
+use crate::auth::Caller;
 use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
 
@@ -156,6 +157,7 @@ pub struct Changes {
 
 /// What ListMemories asks for.
 pub struct ListQuery {
+    pub tenant: String,
     pub session: SessionId,
     pub content_types: Vec<ContentType>,
     pub show_deleted: bool,
@@ -229,12 +231,15 @@ fn live_at(now: DateTime<Utc>) -> Condition {
         .add(visible_at(now))
 }
 
-fn in_session(session: &SessionId) -> Condition {
-    Condition::all().add(Column::SessionId.eq(session.as_str()))
+/// Session ids are scoped by tenant: every lookup names both.
+fn in_session(tenant: &str, session: &SessionId) -> Condition {
+    Condition::all()
+        .add(Column::TenantId.eq(tenant))
+        .add(Column::SessionId.eq(session.as_str()))
 }
 
-fn by_name(name: &MemoryName) -> Condition {
-    in_session(&name.session_id).add(Column::Id.eq(name.memory_id.as_str()))
+fn by_name(tenant: &str, name: &MemoryName) -> Condition {
+    in_session(tenant, &name.session_id).add(Column::Id.eq(name.memory_id.as_str()))
 }
 
 impl MemoryStore {
@@ -274,6 +279,7 @@ impl MemoryStore {
     /// record, that response is kept and a retry gets it back.
     pub async fn store<R, F>(
         &self,
+        tenant: String,
         session: SessionId,
         memories: Vec<NewMemory>,
         now: DateTime<Utc>,
@@ -285,13 +291,13 @@ impl MemoryStore {
         F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
     {
         self.stores
-            .store(session, memories, now, record, respond)
+            .store(tenant, session, memories, now, record, respond)
             .await
     }
 
     /// After a purge: SQLite's write-ahead log still holds pre-purge copies of the pages, so
     /// checkpoint it into the (securely deleted) database file and truncate it. PostgreSQL keeps
-    /// dead tuples until VACUUM reuses their space; see README "Erasure".
+    /// dead tuples until VACUUM reuses their space; see README, Security, Erasure.
     async fn erase_freed_pages(&self) -> Result<(), DbErr> {
         if self.db.get_database_backend() == DbBackend::Sqlite {
             self.db
@@ -303,10 +309,11 @@ impl MemoryStore {
 
     pub async fn get(
         &self,
+        tenant: &str,
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        self.visible(&self.db, name, now).await
+        self.visible(&self.db, tenant, name, now).await
     }
 
     /// One page in (create time, id) order, and the cursor of the next page if there is one.
@@ -316,7 +323,7 @@ impl MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<(Vec<row::Model>, Option<PageCursor>), MemoryError> {
         let mut select = Memories::find()
-            .filter(in_session(&query.session))
+            .filter(in_session(&query.tenant, &query.session))
             .filter(visible_at(now));
         if !query.show_deleted {
             select = select.filter(Column::DeletedAt.is_null());
@@ -355,14 +362,15 @@ impl MemoryStore {
 
     pub async fn update(
         &self,
+        tenant: &str,
         name: &MemoryName,
         expected_etag: Option<&str>,
         changes: Changes,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
+        let transaction = begin_write(&self.db, [(tenant, name.session_id.as_str())]).await?;
         let current = self
-            .writable(&transaction, name, expected_etag, now)
+            .writable(&transaction, tenant, name, expected_etag, now)
             .await?;
         let mut updated = current.clone();
         if let Some(content) = changes.content {
@@ -370,7 +378,7 @@ impl MemoryStore {
             updated.semantic_hash = Some(text::format_semantic_hash(text::semantic_hash(&content)));
             updated.content = content;
             let twin = Memories::find()
-                .filter(in_session(&name.session_id))
+                .filter(in_session(tenant, &name.session_id))
                 .filter(Column::ContentType.eq(updated.content_type.as_str()))
                 .filter(Column::ContentHash.eq(updated.content_hash.as_str()))
                 .filter(Column::Id.ne(updated.id.as_str()))
@@ -397,15 +405,18 @@ impl MemoryStore {
         Ok(updated)
     }
 
+    /// Soft-deletes a memory and records who did, in the same transaction.
     pub async fn delete(
         &self,
+        caller: &Caller,
         name: &MemoryName,
         expected_etag: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
+        let tenant = caller.tenant.as_str();
+        let transaction = begin_write(&self.db, [(tenant, name.session_id.as_str())]).await?;
         let current = self
-            .writable(&transaction, name, expected_etag, now)
+            .writable(&transaction, tenant, name, expected_etag, now)
             .await?;
         let deleted = write_back(
             &transaction,
@@ -416,17 +427,25 @@ impl MemoryStore {
             },
         )
         .await?;
+        let event = AuditEvent {
+            action: "DeleteMemory",
+            resource: name.to_string(),
+            filter: "",
+            affected: 1,
+        };
+        event.write(&transaction, caller, now).await?;
         transaction.commit().await?;
         Ok(deleted)
     }
 
     pub async fn undelete(
         &self,
+        tenant: &str,
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let transaction = begin_write(&self.db, [name.session_id.as_str()]).await?;
-        let current = self.visible(&transaction, name, now).await?;
+        let transaction = begin_write(&self.db, [(tenant, name.session_id.as_str())]).await?;
+        let current = self.visible(&transaction, tenant, name, now).await?;
         if current.deleted_at.is_none() {
             return Err(MemoryError::NotDeleted {
                 name: name.to_string(),
@@ -450,6 +469,7 @@ impl MemoryStore {
     async fn visible<C: ConnectionTrait>(
         &self,
         connection: &C,
+        tenant: &str,
         name: &MemoryName,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
@@ -457,7 +477,7 @@ impl MemoryStore {
             .accesses
             .read(|| async move {
                 let memory = Memories::find()
-                    .filter(by_name(name))
+                    .filter(by_name(tenant, name))
                     .filter(visible_at(now))
                     .one(connection)
                     .await?;
@@ -476,11 +496,12 @@ impl MemoryStore {
     async fn writable(
         &self,
         transaction: &DatabaseTransaction,
+        tenant: &str,
         name: &MemoryName,
         expected_etag: Option<&str>,
         now: DateTime<Utc>,
     ) -> Result<row::Model, MemoryError> {
-        let current = self.visible(transaction, name, now).await?;
+        let current = self.visible(transaction, tenant, name, now).await?;
         if current.deleted_at.is_some() {
             return Err(MemoryError::Deleted {
                 name: name.to_string(),
@@ -494,23 +515,27 @@ impl MemoryStore {
         Ok(current)
     }
 
-    /// Counts (and with `force`, deletes) what the scope selects; returns the count and a sample.
+    /// Counts (and with `force`, deletes) what the scope selects among the caller's tenant's
+    /// memories; returns the count and a sample. A forced purge leaves an audit record.
     pub async fn purge(
         &self,
+        caller: &Caller,
         sessions: &SessionScope,
         scope: PurgeScope,
         force: bool,
         now: DateTime<Utc>,
     ) -> Result<(u64, Vec<String>), MemoryError> {
+        let tenant = caller.tenant.as_str();
         let mut condition = match scope {
             PurgeScope::Expired => Condition::all().add(Column::ExpiresAt.lte(now)),
             PurgeScope::Deleted => Condition::all().add(Column::DeletedAt.is_not_null()),
             PurgeScope::Everything => Condition::all(),
-        };
+        }
+        .add(Column::TenantId.eq(tenant));
         let transaction = match sessions {
             SessionScope::One(session) => {
                 condition = condition.add(Column::SessionId.eq(session.as_str()));
-                begin_write(&self.db, [session.as_str()]).await?
+                begin_write(&self.db, [(tenant, session.as_str())]).await?
             }
             SessionScope::All => self.db.begin().await?,
         };
@@ -524,11 +549,19 @@ impl MemoryStore {
             .map(|memory| MemoryName::format(&memory.session_id, &memory.id))
             .collect();
         let count = if force {
-            Memories::delete_many()
+            let purged = Memories::delete_many()
                 .filter(condition)
                 .exec(&transaction)
                 .await?
-                .rows_affected
+                .rows_affected;
+            let event = AuditEvent {
+                action: "PurgeMemories",
+                resource: sessions.name(),
+                filter: scope.filter(),
+                affected: purged,
+            };
+            event.write(&transaction, caller, now).await?;
+            purged
         } else {
             Memories::find()
                 .filter(condition)
@@ -546,13 +579,14 @@ impl MemoryStore {
     /// memories on a few columns, then loads the chosen ones whole.
     pub async fn retrieve(
         &self,
+        tenant: &str,
         session: &SessionId,
         content_types: &[ContentType],
         min_importance: f64,
         limit: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<row::Model>, MemoryError> {
-        let mut condition = in_session(session).add(live_at(now));
+        let mut condition = in_session(tenant, session).add(live_at(now));
         if !content_types.is_empty() {
             condition = condition
                 .add(Column::ContentType.is_in(content_types.iter().map(|kind| kind.as_str())));
@@ -604,6 +638,7 @@ impl MemoryStore {
 
     pub async fn find_similar(
         &self,
+        tenant: &str,
         session: &SessionId,
         semantic_hash: u64,
         max_distance: u32,
@@ -611,7 +646,7 @@ impl MemoryStore {
     ) -> Result<Vec<(row::Model, u32)>, MemoryError> {
         let live = self
             .accesses
-            .read(|| load_live(&self.db, in_session(session).add(live_at(now))))
+            .read(|| load_live(&self.db, in_session(tenant, session).add(live_at(now))))
             .await?;
         let near = nearest(
             semantic_hash,
@@ -696,6 +731,45 @@ impl MemoryStore {
     }
 }
 
+/// A delete or purge as the audit log keeps it: who (the caller), when, what, how many.
+/// Never content: names, the filter and a count only.
+struct AuditEvent {
+    action: &'static str,
+    resource: String,
+    filter: &'static str,
+    affected: u64,
+}
+
+impl AuditEvent {
+    /// Written in the transaction of the change itself, so neither exists without the other.
+    async fn write(
+        self,
+        transaction: &DatabaseTransaction,
+        caller: &Caller,
+        now: DateTime<Utc>,
+    ) -> Result<(), DbErr> {
+        let Self {
+            action,
+            resource,
+            filter,
+            affected,
+        } = self;
+        audit_event::ActiveModel {
+            id: ActiveValue::Set(uuid::Uuid::new_v4().to_string()),
+            tenant_id: ActiveValue::Set(caller.tenant.clone()),
+            principal: ActiveValue::Set(caller.principal.clone()),
+            action: ActiveValue::Set(action.to_owned()),
+            resource: ActiveValue::Set(resource),
+            filter: ActiveValue::Set(filter.to_owned()),
+            affected: ActiveValue::Set(i64::try_from(affected).unwrap_or(i64::MAX)),
+            created_at: ActiveValue::Set(now),
+        }
+        .insert(transaction)
+        .await?;
+        Ok(())
+    }
+}
+
 /// One call of a group as the writer sees it once its rows are written.
 struct WrittenCall {
     /// Index of the call in the group.
@@ -716,8 +790,13 @@ impl Tables {
         &self,
         group: &mut [PendingStore],
     ) -> Result<Vec<Option<MemoryError>>, MemoryError> {
-        let transaction =
-            begin_write(&self.db, group.iter().map(|call| call.session.as_str())).await?;
+        let transaction = begin_write(
+            &self.db,
+            group
+                .iter()
+                .map(|call| (call.tenant.as_str(), call.session.as_str())),
+        )
+        .await?;
         let mut failures: Vec<Option<MemoryError>> = group.iter().map(|_| None).collect();
         let replayed = replay_kept(&transaction, group, &mut failures).await?;
         let writing: Vec<usize> = (0..group.len())
@@ -737,29 +816,35 @@ impl Tables {
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<Vec<WrittenCall>, MemoryError> {
-        let sessions: Vec<&str> = writing
-            .iter()
-            .map(|&call| group[call].session.as_str())
-            .collect::<BTreeSet<_>>()
+        let mut sessions: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for &call in writing {
+            let PendingStore {
+                tenant, session, ..
+            } = &group[call];
+            sessions
+                .entry(tenant.as_str())
+                .or_default()
+                .insert(session.as_str());
+        }
+        let of_group = sessions
             .into_iter()
-            .collect();
+            .fold(Condition::any(), |any, (tenant, sessions)| {
+                any.add(
+                    Condition::all()
+                        .add(Column::TenantId.eq(tenant))
+                        .add(Column::SessionId.is_in(sessions)),
+                )
+            });
         let earliest = writing
             .iter()
             .map(|&call| group[call].now)
             .min()
             .expect("a call to write");
         // Live memories before the group, by session; each call then adds its own.
-        let mut live: HashMap<String, Vec<LiveMemory>> = HashMap::new();
+        let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
         let before = self
             .accesses
-            .read(|| {
-                load_live(
-                    transaction,
-                    Condition::all()
-                        .add(Column::SessionId.is_in(sessions.iter().copied()))
-                        .add(live_at(earliest)),
-                )
-            })
+            .read(|| load_live(transaction, of_group.clone().add(live_at(earliest))))
             .await?;
         for SessionLive(session, memory) in before {
             live.entry(session).or_default().push(memory);
@@ -771,7 +856,7 @@ impl Tables {
                 let call = &group[call];
                 call.memories
                     .iter()
-                    .map(|memory| fresh_row(&call.session, memory, call.now))
+                    .map(|memory| fresh_row(&call.tenant, &call.session, memory, call.now))
                     .collect()
             })
             .collect();
@@ -797,12 +882,15 @@ impl Tables {
         let mut written = Vec::with_capacity(writing.len());
         for (&call, fresh) in writing.iter().zip(fresh) {
             let PendingStore {
+                tenant,
                 session,
                 memories,
                 now,
                 ..
             } = &group[call];
-            let members = live.entry(session.as_str().to_owned()).or_default();
+            let members = live
+                .entry((tenant.clone(), session.as_str().to_owned()))
+                .or_default();
             members.retain(|memory| memory.is_visible_at(*now));
             let mut stored = Vec::with_capacity(memories.len());
             for (memory, fresh) in memories.iter().zip(fresh) {
@@ -937,6 +1025,7 @@ impl Tables {
             let kept = pending.reply.respond(outcomes, pending.record.is_some());
             if let (Some(record), Some(response)) = (&pending.record, kept) {
                 memory_request::ActiveModel {
+                    tenant_id: ActiveValue::Set(pending.tenant.clone()),
                     request_id: ActiveValue::Set(record.request_id.clone()),
                     request_digest: ActiveValue::Set(record.digest.clone()),
                     response: ActiveValue::Set(response),
@@ -950,8 +1039,11 @@ impl Tables {
     }
 }
 
+/// A session of a tenant.
+type SessionKey = (String, String);
+
 /// A live memory and its session, as one query of several sessions returns them.
-struct SessionLive(String, LiveMemory);
+struct SessionLive(SessionKey, LiveMemory);
 
 impl Tracked for SessionLive {
     fn id(&self) -> &str {
@@ -963,12 +1055,13 @@ impl Tracked for SessionLive {
     }
 }
 
-/// Opens a write transaction holding the writer locks of `sessions`. PostgreSQL takes one
-/// advisory lock per session, all in one statement and in key order, so two replicas
-/// writing overlapping groups cannot deadlock; SQLite's `BEGIN IMMEDIATE` locks them all.
+/// Opens a write transaction holding the writer locks of `sessions` (tenant, session id).
+/// PostgreSQL takes one advisory lock per session, all in one statement and in key order, so
+/// two replicas writing overlapping groups cannot deadlock; SQLite's `BEGIN IMMEDIATE` locks
+/// them all.
 async fn begin_write<'a>(
     db: &DatabaseConnection,
-    sessions: impl IntoIterator<Item = &'a str>,
+    sessions: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Result<DatabaseTransaction, DbErr> {
     let transaction = db
         .begin_with_options(TransactionOptions {
@@ -977,8 +1070,12 @@ async fn begin_write<'a>(
         })
         .await?;
     if transaction.get_database_backend() == DbBackend::Postgres {
-        // Session ids are letters, digits, `_` and `-`: a comma separates them safely.
-        let sessions: Vec<&str> = sessions.into_iter().collect();
+        // Tenants and session ids are letters, digits, `_` and `-`: `/` joins and a comma
+        // separates them safely.
+        let sessions: Vec<String> = sessions
+            .into_iter()
+            .map(|(tenant, session)| format!("{tenant}/{session}"))
+            .collect();
         transaction
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -1015,6 +1112,7 @@ async fn write_back(
 type LiveRow = (
     String,
     String,
+    String,
     Option<String>,
     f64,
     i32,
@@ -1033,6 +1131,7 @@ async fn load_live(
             Memories::find()
                 .select_only()
                 .columns([
+                    Column::TenantId,
                     Column::SessionId,
                     Column::Id,
                     Column::SemanticHash,
@@ -1050,7 +1149,7 @@ async fn load_live(
     Ok(rows
         .into_iter()
         .map(
-            |(session, id, hash, importance, access_count, created_at, expires_at)| {
+            |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
                 let memory = LiveMemory {
                     id,
                     semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
@@ -1059,7 +1158,7 @@ async fn load_live(
                     created_at,
                     expires_at,
                 };
-                SessionLive(session, memory)
+                SessionLive((tenant, session), memory)
             },
         )
         .collect())
@@ -1076,7 +1175,7 @@ async fn load_live_as_json(
     let query = Query::select()
         .expr_as(
             Expr::cust(
-                "json_group_array(json_array(session_id, id, semantic_hash, \
+                "json_group_array(json_array(tenant_id, session_id, id, semantic_hash, \
                  printf('%!.17g', importance), access_count, created_at, expires_at))",
             ),
             "live",
@@ -1093,6 +1192,7 @@ async fn load_live_as_json(
     type LiveJson = (
         String,
         String,
+        String,
         Option<String>,
         String,
         i32,
@@ -1102,8 +1202,9 @@ async fn load_live_as_json(
     let rows: Vec<LiveJson> = serde_json::from_str(&json).map_err(|_| unreadable("not JSON"))?;
     rows.into_iter()
         .map(
-            |(session, id, hash, importance, access_count, created_at, expires_at)| {
+            |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
                 Ok((
+                    tenant,
                     session,
                     id,
                     hash,
@@ -1132,9 +1233,15 @@ fn parse_timestamp(text: &str) -> Option<DateTime<Utc>> {
         .ok()
 }
 
-fn fresh_row(session: &SessionId, memory: &NewMemory, now: DateTime<Utc>) -> row::Model {
+fn fresh_row(
+    tenant: &str,
+    session: &SessionId,
+    memory: &NewMemory,
+    now: DateTime<Utc>,
+) -> row::Model {
     row::Model {
         id: uuid::Uuid::new_v4().to_string(),
+        tenant_id: tenant.to_owned(),
         session_id: session.as_str().to_owned(),
         content_type: memory.content_type.as_str().to_owned(),
         content: memory.content.clone(),
@@ -1151,11 +1258,12 @@ fn fresh_row(session: &SessionId, memory: &NewMemory, now: DateTime<Utc>) -> row
     }
 }
 
-/// What the unique constraint compares: session, content type, content hash.
-type TwinKey = (String, String, String);
+/// What the unique constraint compares: tenant, session, content type, content hash.
+type TwinKey = (String, String, String, String);
 
 fn twin_key(memory: &row::Model) -> TwinKey {
     (
+        memory.tenant_id.clone(),
         memory.session_id.clone(),
         memory.content_type.clone(),
         memory.content_hash.clone(),
@@ -1178,9 +1286,14 @@ async fn insert_fresh<'a>(
                 .map(|memory| (*memory).clone().into_active_model().reset_all()),
         )
         .on_conflict(
-            OnConflict::columns([Column::SessionId, Column::ContentType, Column::ContentHash])
-                .do_nothing()
-                .to_owned(),
+            OnConflict::columns([
+                Column::TenantId,
+                Column::SessionId,
+                Column::ContentType,
+                Column::ContentHash,
+            ])
+            .do_nothing()
+            .to_owned(),
         );
         if backend == DbBackend::Sqlite {
             // One JSON array of the ids found afterwards instead of a RETURNING row each
@@ -1209,7 +1322,7 @@ async fn insert_fresh<'a>(
     Ok(inserted)
 }
 
-/// The rows holding these (session, content type, content hash) keys, deleted or not.
+/// The rows holding these (tenant, session, content type, content hash) keys, deleted or not.
 async fn fetch_by_keys(
     transaction: &DatabaseTransaction,
     keys: &BTreeSet<TwinKey>,
@@ -1218,9 +1331,10 @@ async fn fetch_by_keys(
         return Ok(Vec::new());
     }
     let mut any = Condition::any();
-    for (session, content_type, content_hash) in keys {
+    for (tenant, session, content_type, content_hash) in keys {
         any = any.add(
             Condition::all()
+                .add(Column::TenantId.eq(tenant.as_str()))
                 .add(Column::SessionId.eq(session.as_str()))
                 .add(Column::ContentType.eq(content_type.as_str()))
                 .add(Column::ContentHash.eq(content_hash.as_str())),
@@ -1236,28 +1350,33 @@ async fn replay_kept(
     group: &mut [PendingStore],
     failures: &mut [Option<MemoryError>],
 ) -> Result<HashSet<usize>, DbErr> {
-    let ids: Vec<&str> = group
-        .iter()
-        .filter_map(|call| call.record.as_ref())
-        .map(|record| record.request_id.as_str())
-        .collect();
+    use memory_request::Column as Kept;
     let mut answered = HashSet::new();
-    if ids.is_empty() {
+    let of_group = group
+        .iter()
+        .filter_map(|call| Some((call.tenant.as_str(), call.record.as_ref()?)))
+        .fold(Condition::any(), |any, (tenant, record)| {
+            any.add(
+                Condition::all()
+                    .add(Kept::TenantId.eq(tenant))
+                    .add(Kept::RequestId.eq(record.request_id.as_str())),
+            )
+        });
+    if of_group.is_empty() {
         return Ok(answered);
     }
-    let kept: HashMap<String, memory_request::Model> = memory_request::Entity::find()
-        .filter(memory_request::Column::RequestId.is_in(ids))
+    let kept: HashMap<(String, String), memory_request::Model> = memory_request::Entity::find()
+        .filter(of_group)
         .all(transaction)
         .await?
         .into_iter()
-        .map(|kept| (kept.request_id.clone(), kept))
+        .map(|kept| ((kept.tenant_id.clone(), kept.request_id.clone()), kept))
         .collect();
     for (index, call) in group.iter_mut().enumerate() {
-        let Some(earlier) = call
-            .record
-            .as_ref()
-            .and_then(|record| kept.get(&record.request_id).map(|kept| (record, kept)))
-        else {
+        let Some(earlier) = call.record.as_ref().and_then(|record| {
+            kept.get(&(call.tenant.clone(), record.request_id.clone()))
+                .map(|kept| (record, kept))
+        }) else {
             continue;
         };
         let (record, earlier) = earlier;

@@ -4,39 +4,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, EngramProcess, TestDatabase, eventually, memory, store_request};
+use common::{Backend, EngramProcess, TestDatabase, eventually, memory, store_request, with_token};
 use engram_proto::memory::v1 as pb;
 use engram_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use engram_proto::toolconfig::v1 as tools;
 use tonic::Code;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 const AGENT_TOKEN: &str = "agent-token-marmalade";
 const ADMIN_TOKEN: &str = "admin-token-periwinkle";
 const ROTATED_TOKEN: &str = "admin-token-tangerine";
-
-type Authorized = InterceptedService<
-    Channel,
-    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
->;
-
-fn with_token(channel: Channel, token: Option<&str>) -> Authorized {
-    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
-        token.map(|token| format!("Bearer {token}").parse().expect("header"));
-    InterceptedService::new(
-        channel,
-        Box::new(move |mut request: tonic::Request<()>| {
-            if let Some(header) = &header {
-                request
-                    .metadata_mut()
-                    .insert("authorization", header.clone());
-            }
-            Ok(request)
-        }),
-    )
-}
 
 /// A channel to the server once it reports ready, as a client behind a probe would see it.
 async fn channel(server: &EngramProcess) -> Channel {

@@ -1,4 +1,4 @@
-//! The `memories` table (the reference design's Memory model, version 3).
+//! The `memories` table (the reference design's Memory model, version 3, with tenants).
 
 use sea_orm::entity::prelude::*;
 
@@ -7,6 +7,8 @@ use sea_orm::entity::prelude::*;
 pub struct Model {
     #[sea_orm(primary_key, auto_increment = false)]
     pub id: String,
+    /// Session ids are scoped by tenant; legacy rows belong to `default`.
+    pub tenant_id: String,
     pub session_id: String,
     /// `user_info`, `preference`, `fact` or `context`.
     pub content_type: String,

@@ -15,6 +15,7 @@ use sea_orm::{ConnectionTrait, Database};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -220,6 +221,28 @@ pub fn store_request(session: &str, memory: pb::Memory) -> pb::StoreMemoryReques
         memory: Some(memory),
         request_id: String::new(),
     }
+}
+
+pub type Authorized = InterceptedService<
+    Channel,
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>,
+>;
+
+/// A channel that sends `Bearer {token}` in every call's metadata (none without a token).
+pub fn with_token(channel: Channel, token: Option<&str>) -> Authorized {
+    let header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        token.map(|token| format!("Bearer {token}").parse().expect("header"));
+    InterceptedService::new(
+        channel,
+        Box::new(move |mut request: tonic::Request<()>| {
+            if let Some(header) = &header {
+                request
+                    .metadata_mut()
+                    .insert("authorization", header.clone());
+            }
+            Ok(request)
+        }),
+    )
 }
 
 /// The BadRequest field paths of a rejected call, asserting the rest of AIP-193's shape.
