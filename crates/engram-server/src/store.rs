@@ -844,7 +844,12 @@ impl Tables {
         let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
         let before = self
             .accesses
-            .read(|| load_live(transaction, of_group.clone().add(live_at(earliest))))
+            .read(|| {
+                let live_in_group = Condition::all()
+                    .add(of_group.clone())
+                    .add(live_at(earliest));
+                load_live(transaction, live_in_group)
+            })
             .await?;
         for SessionLive(session, memory) in before {
             live.entry(session).or_default().push(memory);
