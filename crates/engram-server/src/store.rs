@@ -608,13 +608,14 @@ impl MemoryStore {
         if chosen.is_empty() {
             return Ok(Vec::new());
         }
-        let mut whole: HashMap<String, row::Model> = Memories::find()
-            .filter(Column::Id.is_in(chosen.iter().copied()))
-            .all(&self.db)
-            .await?
-            .into_iter()
-            .map(|memory| (memory.id.clone(), memory))
-            .collect();
+        let mut whole: HashMap<String, row::Model> = load_rows(
+            &self.db,
+            Condition::all().add(Column::Id.is_in(chosen.iter().copied())),
+        )
+        .await?
+        .into_iter()
+        .map(|memory| (memory.id.clone(), memory))
+        .collect();
         let mut by_rank = Vec::with_capacity(chosen.len());
         for id in chosen {
             // Gone since the ranking (deleted meanwhile): not returned, not counted.
@@ -659,9 +660,10 @@ impl MemoryStore {
         let mut whole = self
             .accesses
             .read(|| {
-                Memories::find()
-                    .filter(Column::Id.is_in(near.iter().map(|(id, _)| id.as_str())))
-                    .all(&self.db)
+                load_rows(
+                    &self.db,
+                    Condition::all().add(Column::Id.is_in(near.iter().map(|(id, _)| id.as_str()))),
+                )
             })
             .await?;
         Ok(near
@@ -977,9 +979,10 @@ impl Tables {
             let rows = self
                 .accesses
                 .read(|| {
-                    Memories::find()
-                        .filter(Column::Id.is_in(untouched.iter().copied()))
-                        .all(transaction)
+                    load_rows(
+                        transaction,
+                        Condition::all().add(Column::Id.is_in(untouched.iter().copied())),
+                    )
                 })
                 .await?;
             let rows: HashMap<String, row::Model> = rows
@@ -1169,31 +1172,11 @@ async fn load_live(
         .collect())
 }
 
-/// SQLite: the rows as ONE JSON array. sqlx's SQLite driver hands every row over from its
-/// worker thread (a wake-up each), so one array of a session's hundred memories is far
-/// cheaper than a hundred rows. Importance travels as text with 17 digits, so the ranking
-/// sees the stored value exactly.
+/// SQLite: the live memories as ONE JSON array (see [`json_rows`]).
 async fn load_live_as_json(
     connection: &impl ConnectionTrait,
     condition: Condition,
 ) -> Result<Vec<LiveRow>, DbErr> {
-    let query = Query::select()
-        .expr_as(
-            Expr::cust(
-                "json_group_array(json_array(tenant_id, session_id, id, semantic_hash, \
-                 printf('%!.17g', importance), access_count, created_at, expires_at))",
-            ),
-            "live",
-        )
-        .from(Memories)
-        .cond_where(condition)
-        .to_owned();
-    let unreadable = |what: &str| DbErr::Type(format!("unreadable live memories: {what}"));
-    let json: String = connection
-        .query_one_raw(DbBackend::Sqlite.build(&query))
-        .await?
-        .ok_or_else(|| unreadable("no row"))?
-        .try_get("", "live")?;
     type LiveJson = (
         String,
         String,
@@ -1204,7 +1187,13 @@ async fn load_live_as_json(
         String,
         Option<String>,
     );
-    let rows: Vec<LiveJson> = serde_json::from_str(&json).map_err(|_| unreadable("not JSON"))?;
+    let rows: Vec<LiveJson> = json_rows(
+        connection,
+        "tenant_id, session_id, id, semantic_hash, printf('%!.17g', importance), access_count, \
+         created_at, expires_at",
+        condition,
+    )
+    .await?;
     rows.into_iter()
         .map(
             |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
@@ -1213,16 +1202,124 @@ async fn load_live_as_json(
                     session,
                     id,
                     hash,
-                    importance.parse().map_err(|_| unreadable("importance"))?,
+                    json_importance(&importance)?,
                     access_count,
-                    parse_timestamp(&created_at).ok_or_else(|| unreadable("created_at"))?,
-                    expires_at
-                        .map(|at| parse_timestamp(&at).ok_or_else(|| unreadable("expires_at")))
-                        .transpose()?,
+                    json_timestamp(&created_at)?,
+                    expires_at.as_deref().map(json_timestamp).transpose()?,
                 ))
             },
         )
         .collect()
+}
+
+/// The whole memories `condition` selects; on SQLite as ONE JSON array (see [`json_rows`]).
+async fn load_rows(
+    connection: &impl ConnectionTrait,
+    condition: Condition,
+) -> Result<Vec<row::Model>, DbErr> {
+    if connection.get_database_backend() != DbBackend::Sqlite {
+        return Memories::find().filter(condition).all(connection).await;
+    }
+    type RowJson = (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        serde_json::Value,
+        String,
+        Option<String>,
+        i32,
+        Option<String>,
+        String,
+        String,
+        Option<String>,
+    );
+    let rows: Vec<RowJson> = json_rows(
+        connection,
+        "id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
+         json(metadata), printf('%!.17g', importance), expires_at, access_count, last_accessed, \
+         created_at, updated_at, deleted_at",
+        condition,
+    )
+    .await?;
+    rows.into_iter()
+        .map(|row| {
+            let (
+                id,
+                tenant_id,
+                session_id,
+                content_type,
+                content,
+                content_hash,
+                semantic_hash,
+                metadata,
+                importance,
+                expires_at,
+                access_count,
+                last_accessed,
+                created_at,
+                updated_at,
+                deleted_at,
+            ) = row;
+            Ok(row::Model {
+                id,
+                tenant_id,
+                session_id,
+                content_type,
+                content,
+                content_hash,
+                semantic_hash,
+                metadata,
+                importance: json_importance(&importance)?,
+                expires_at: expires_at.as_deref().map(json_timestamp).transpose()?,
+                access_count,
+                last_accessed: last_accessed.as_deref().map(json_timestamp).transpose()?,
+                created_at: json_timestamp(&created_at)?,
+                updated_at: json_timestamp(&updated_at)?,
+                deleted_at: deleted_at.as_deref().map(json_timestamp).transpose()?,
+            })
+        })
+        .collect()
+}
+
+/// SQLite: the `columns` of the rows `condition` selects as ONE JSON array. sqlx's SQLite
+/// driver hands every row over from its worker thread (a wake-up each), so one array of a
+/// session's hundred memories is far cheaper than a hundred rows. Importance travels as text
+/// with 17 digits, so it arrives exactly as stored.
+async fn json_rows<T: serde::de::DeserializeOwned>(
+    connection: &impl ConnectionTrait,
+    columns: &str,
+    condition: Condition,
+) -> Result<Vec<T>, DbErr> {
+    let query = Query::select()
+        .expr_as(
+            Expr::cust(format!("json_group_array(json_array({columns}))")),
+            "rows",
+        )
+        .from(Memories)
+        .cond_where(condition)
+        .to_owned();
+    let json: String = connection
+        .query_one_raw(DbBackend::Sqlite.build(&query))
+        .await?
+        .ok_or_else(|| unreadable("no row"))?
+        .try_get("", "rows")?;
+    serde_json::from_str(&json).map_err(|_| unreadable("not JSON"))
+}
+
+fn unreadable(what: &str) -> DbErr {
+    DbErr::Type(format!("unreadable memories: {what}"))
+}
+
+fn json_importance(text: &str) -> Result<f64, DbErr> {
+    text.parse().map_err(|_| unreadable("importance"))
+}
+
+fn json_timestamp(text: &str) -> Result<DateTime<Utc>, DbErr> {
+    parse_timestamp(text).ok_or_else(|| unreadable("timestamp"))
 }
 
 /// A timestamp as SQLite keeps it: RFC 3339 (what Engram writes), or the space-separated
@@ -1345,7 +1442,7 @@ async fn fetch_by_keys(
                 .add(Column::ContentHash.eq(content_hash.as_str())),
         );
     }
-    Memories::find().filter(any).all(transaction).await
+    load_rows(transaction, any).await
 }
 
 /// Answers calls sent with a request_id seen before: the kept response, or a failure when

@@ -619,12 +619,31 @@ async fn retrieves_by_effective_importance_and_tracks_access(backend: Backend) {
             pb::Memory {
                 importance: Some(importance),
                 content_type: kind as i32,
+                metadata: Some(awkward_metadata()),
                 ..memory(content)
             },
         )
         .await;
     }
     let ranked = retrieve(&mut server, "rank").await;
+    // Retrieval reads rows its own way (one JSON array on SQLite): every field is what Get
+    // reads, access tracking included, down to the last bit of a number.
+    for retrieved in &ranked {
+        let got = server
+            .client
+            .get_memory(pb::GetMemoryRequest {
+                name: retrieved.name.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let without_decay = |memory: &pb::Memory| pb::Memory {
+            effective_importance: 0.0,
+            ..memory.clone()
+        };
+        assert_eq!(without_decay(retrieved), without_decay(&got));
+        assert_eq!(got.metadata, Some(awkward_metadata()));
+    }
     let contents: Vec<&str> = ranked.iter().map(|m| m.content.as_str()).collect();
     assert_eq!(
         contents,
@@ -1295,6 +1314,27 @@ fn list(session: &str) -> pb::ListMemoriesRequest {
 
 fn names(memories: &[pb::Memory]) -> Vec<String> {
     memories.iter().map(|memory| memory.name.clone()).collect()
+}
+
+/// Metadata whose numbers, nesting and text a careless decoder would change.
+fn awkward_metadata() -> prost_types::Struct {
+    use prost_types::value::Kind;
+    let value = |kind| prost_types::Value { kind: Some(kind) };
+    let mut metadata = struct_of(&[("note", "quote \" slash \\ é 😀")]);
+    for (key, kind) in [
+        ("ratio", Kind::NumberValue(0.1 + 0.2)),
+        ("big", Kind::NumberValue(9_007_199_254_740_991.0)),
+        ("tiny", Kind::NumberValue(5e-324)),
+        (
+            "tags",
+            Kind::ListValue(prost_types::ListValue {
+                values: vec![value(Kind::BoolValue(true)), value(Kind::NullValue(0))],
+            }),
+        ),
+    ] {
+        metadata.fields.insert(key.to_owned(), value(kind));
+    }
+    metadata
 }
 
 fn struct_of(pairs: &[(&str, &str)]) -> prost_types::Struct {
