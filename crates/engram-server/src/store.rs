@@ -55,7 +55,7 @@ const ACCESS_FLUSH_INTERVAL: StdDuration = StdDuration::from_secs(1);
 const ACCESS_FLUSH_CHUNK: usize = 500;
 /// Merged twins written per statement.
 const MERGE_CHUNK: usize = 200;
-/// Memories inserted per statement (14 values each, well below every parameter limit).
+/// Rows inserted per statement (at most 15 values each, well below every parameter limit).
 const INSERT_CHUNK: usize = 256;
 
 #[derive(Clone)]
@@ -1014,6 +1014,7 @@ impl Tables {
         group: &mut [PendingStore],
         written: Vec<WrittenCall>,
     ) -> Result<(), MemoryError> {
+        let mut kept_responses = Vec::new();
         for call in written {
             let pending = &mut group[call.call];
             let outcomes = call
@@ -1032,16 +1033,20 @@ impl Tables {
                 .collect();
             let kept = pending.reply.respond(outcomes, pending.record.is_some());
             if let (Some(record), Some(response)) = (&pending.record, kept) {
-                memory_request::ActiveModel {
+                kept_responses.push(memory_request::ActiveModel {
                     tenant_id: ActiveValue::Set(pending.tenant.clone()),
                     request_id: ActiveValue::Set(record.request_id.clone()),
                     request_digest: ActiveValue::Set(record.digest.clone()),
                     response: ActiveValue::Set(response),
                     created_at: ActiveValue::Set(pending.now),
-                }
-                .insert(transaction)
-                .await?;
+                });
             }
+        }
+        // One statement per chunk, not per call.
+        for chunk in kept_responses.chunks(INSERT_CHUNK) {
+            memory_request::Entity::insert_many(chunk.to_vec())
+                .exec_without_returning(transaction)
+                .await?;
         }
         Ok(())
     }
