@@ -1,15 +1,17 @@
 //! Group commit of stores. Every StoreMemory and BatchStoreMemories call of the process joins
-//! a queue; one writer takes whatever has queued up, writes it in ONE transaction (one commit,
+//! a queue; a writer takes whatever has queued up, writes it in ONE transaction (one commit,
 //! a handful of statements for the whole group) and answers each caller only once that
 //! transaction is committed, so every acknowledged store is on disk. Under load the group
-//! grows by itself; a lone call is a group of one and waits for nobody.
+//! grows by itself; a lone call is a group of one and waits for nobody. SQLite has one writer,
+//! PostgreSQL a few (`Tables::concurrent_groups`).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use engram_domain::memory::NewMemory;
 use engram_domain::names::SessionId;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::MemoryError;
 use crate::store::{RequestRecord, StoreOutcome, Tables};
@@ -96,10 +98,13 @@ pub struct StoreQueue {
 }
 
 impl StoreQueue {
-    /// Starts the writer; it stops when the last queue handle is dropped.
+    /// Starts the writers; they stop when the last queue handle is dropped.
     pub fn start(tables: Tables) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(write_groups(tables, receiver));
+        let receiver = Arc::new(Mutex::new(receiver));
+        for _ in 0..tables.concurrent_groups() {
+            tokio::spawn(write_groups(tables.clone(), receiver.clone()));
+        }
         Self { sender }
     }
 
@@ -140,44 +145,57 @@ impl StoreQueue {
     }
 }
 
-async fn write_groups(tables: Tables, mut receiver: mpsc::Receiver<PendingStore>) {
+/// One writer: takes the next group from the queue and writes it, until the queue closes.
+async fn write_groups(tables: Tables, queue: Arc<Mutex<mpsc::Receiver<PendingStore>>>) {
     let mut held_over: Option<PendingStore> = None;
     loop {
-        let first = match held_over.take() {
-            Some(pending) => pending,
-            None => match receiver.recv().await {
-                Some(pending) => pending,
+        let group = {
+            let mut receiver = queue.lock().await;
+            match next_group(&mut receiver, &mut held_over).await {
+                Some(group) => group,
                 None => return,
-            },
+            }
         };
-        let mut memories = first.memories.len();
-        let mut request_ids: HashSet<String> = first
-            .record
-            .iter()
-            .map(|record| record.request_id.clone())
-            .collect();
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP_CALLS {
-            let Ok(next) = receiver.try_recv() else { break };
-            // Nobody waits for it (a cancelled call may or may not take effect): under
-            // overload, work for callers that are still there.
-            if next.reply.is_abandoned() {
-                continue;
-            }
-            // A retry of a call in this group must see that call committed: next group.
-            let repeats_a_request = next
-                .record
-                .as_ref()
-                .is_some_and(|record| !request_ids.insert(record.request_id.clone()));
-            if repeats_a_request || memories + next.memories.len() > MAX_GROUP_MEMORIES {
-                held_over = Some(next);
-                break;
-            }
-            memories += next.memories.len();
-            group.push(next);
-        }
         write_group(&tables, group).await;
     }
+}
+
+/// Whatever has queued up, at least one call (None once the queue is closed).
+async fn next_group(
+    receiver: &mut mpsc::Receiver<PendingStore>,
+    held_over: &mut Option<PendingStore>,
+) -> Option<Vec<PendingStore>> {
+    let first = match held_over.take() {
+        Some(pending) => pending,
+        None => receiver.recv().await?,
+    };
+    let mut memories = first.memories.len();
+    let mut request_ids: HashSet<String> = first
+        .record
+        .iter()
+        .map(|record| record.request_id.clone())
+        .collect();
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP_CALLS {
+        let Ok(next) = receiver.try_recv() else { break };
+        // Nobody waits for it (a cancelled call may or may not take effect): under
+        // overload, work for callers that are still there.
+        if next.reply.is_abandoned() {
+            continue;
+        }
+        // A retry of a call in this group must see that call committed: next group.
+        let repeats_a_request = next
+            .record
+            .as_ref()
+            .is_some_and(|record| !request_ids.insert(record.request_id.clone()));
+        if repeats_a_request || memories + next.memories.len() > MAX_GROUP_MEMORIES {
+            *held_over = Some(next);
+            break;
+        }
+        memories += next.memories.len();
+        group.push(next);
+    }
+    Some(group)
 }
 
 /// Writes a group and answers its callers. When the group's transaction fails, each call is

@@ -55,6 +55,8 @@ const ACCESS_FLUSH_INTERVAL: StdDuration = StdDuration::from_secs(1);
 const ACCESS_FLUSH_CHUNK: usize = 500;
 /// Merged twins written per statement.
 const MERGE_CHUNK: usize = 200;
+/// Store groups PostgreSQL writes at once (see `Tables::concurrent_groups`).
+const POSTGRES_CONCURRENT_GROUPS: usize = 4;
 /// Rows inserted per statement (at most 15 values each, well below every parameter limit).
 const INSERT_CHUNK: usize = 256;
 
@@ -784,6 +786,16 @@ struct WrittenCall {
 }
 
 impl Tables {
+    /// Groups written at once. SQLite has one writer at a time whatever Engram does;
+    /// PostgreSQL overlaps one group's commit (a WAL flush) with the next groups' statements,
+    /// while groups sharing a session still take turns on its advisory lock.
+    pub(crate) fn concurrent_groups(&self) -> usize {
+        match self.db.get_database_backend() {
+            DbBackend::Postgres => POSTGRES_CONCURRENT_GROUPS,
+            _ => 1,
+        }
+    }
+
     /// Writes a group of store calls in one transaction, as if one after the other in
     /// queue order: every call sees the rows of the calls before it, its session cap and
     /// near-duplicates included. Returns each call's own failure (a reused request_id);
