@@ -3,24 +3,30 @@
 //!
 //! Differences from the reference: hashes are always computed in Rust by
 //! `engram_domain::text` (the reference's PostgreSQL SQL did not match its own
-//! Python); the backfill pages by primary key and writes a page per statement
-//! instead of loading the table; on SQLite the legacy timestamps are rewritten
-//! into the text the service writes and compares; legacy rows that normalize
-//! alike are merged (see [`merge`]) instead of failing the new unique
-//! constraint; rows breaking the new checks and oversized content on downgrade
-//! are refused with a clear message; and everything runs in one transaction,
-//! so an interrupted run leaves the database as it was.
+//! Python); the backfill reads the table a page at a time in storage order
+//! instead of loading it, and the rows go with what it computed into a
+//! staging table that is then copied back in one statement, never updated
+//! row by row (PostgreSQL refills `memories` in place, SQLite rebuilds it);
+//! on SQLite the legacy timestamps are rewritten into the text the service
+//! writes and compares; legacy rows that normalize alike are merged (see
+//! [`merge`]) instead of failing the new unique constraint; rows breaking the
+//! new checks and oversized content on downgrade are refused with a clear
+//! message; and everything runs in one transaction, so an interrupted run
+//! leaves the database as it was.
 
 mod merge;
 
 use chrono::{DateTime, Utc};
 use engram_domain::text;
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::prelude::Json;
+use sea_orm_migration::sea_orm::sea_query::sea_value_to_json_value;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 
 use crate::m20240101_000001_initial_schema as initial;
+use crate::sqlite_rebuild::rebuild_sqlite_table;
 
-/// Rows read and written per keyset page.
+/// Rows read and written per page.
 const BACKFILL_BATCH: u64 = 1000;
 
 /// Rows between two progress lines of the backfill.
@@ -38,6 +44,32 @@ pub(crate) const CHECKS: [(&str, &str); 2] = [
     ),
     ("ck_memory_access_count_positive", "access_count >= 0"),
 ];
+
+/// What the backfill computes for every row.
+const HASH_COLUMNS: [&str; 2] = ["content_hash", "semantic_hash"];
+
+/// Temporary table of the PostgreSQL backfill: each row's id and hashes.
+const POSTGRES_HASHES: &str = "memory_hashes";
+
+/// Most bytes of hashes the PostgreSQL backfill sends per statement. sqlx
+/// 0.9.0 leaves Nagle's algorithm on, so a message split over several writes
+/// (a TLS record holds 16 KiB) can wait some 40 ms for the server's delayed
+/// ACK; a statement that fits in one record never does.
+const POSTGRES_MESSAGE_BYTES: usize = 15 * 1024;
+
+/// Settings of the PostgreSQL upgrade, for its transaction only: the refill's
+/// hash join and the index builds' sorts then stay in memory instead of
+/// spilling to disk (server defaults: 4MB and 64MB).
+const POSTGRES_SETTINGS: [(&str, &str); 2] =
+    [("work_mem", "128MB"), ("maintenance_work_mem", "256MB")];
+
+/// Page cache, in KiB, of the SQLite connection while it upgrades (the default
+/// is 2 MiB): the rebuilt table's primary key takes inserts all over (the ids
+/// are random), and a small cache writes and rereads its pages again and again.
+const SQLITE_CACHE_KIB: i64 = 64 * 1024;
+
+/// Index on the staging table's ids, for the merge (SQLite).
+const STAGED_ID_INDEX: &str = "ix_memory_staged_id";
 
 /// Columns that may hold NULL until the upgrade fills them, NOT NULL after.
 const BACKFILLED_COLUMNS: [&str; 2] = ["content_hash", "metadata"];
@@ -93,7 +125,6 @@ enum Memories {
     Id,
     SessionId,
     ContentType,
-    Content,
     Importance,
     LastAccessed,
     CreatedAt,
@@ -104,9 +135,11 @@ enum Memories {
     DeletedAt,
 }
 
-/// Scratch name of the new table while SQLite rebuilds `memories`.
+/// The rows with what the backfill computed, before they go back into
+/// `memories`: temporary on PostgreSQL ([`refill_postgres_memories`]), the
+/// table the rebuild copies on SQLite ([`upgrade_sqlite_by_rebuild`]).
 #[derive(DeriveIden)]
-struct MemoriesRebuild;
+struct MemoriesStaged;
 
 #[async_trait::async_trait]
 impl MigrationTrait for Migration {
@@ -118,26 +151,9 @@ impl MigrationTrait for Migration {
 
     async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
         refuse_rows_failing_checks(manager).await?;
-        drop_initial_indexes(manager).await?;
-        for column in hashing_columns() {
-            manager
-                .alter_table(
-                    Table::alter()
-                        .table(Memories::Table)
-                        .add_column(column)
-                        .to_owned(),
-                )
-                .await?;
-        }
-        backfill(manager).await?;
-        replace_null_metadata(manager).await?;
-        merge::merge_rows_that_normalize_alike(manager).await?;
         match manager.get_database_backend() {
-            DbBackend::Postgres => constrain_in_place(manager).await,
-            DbBackend::Sqlite => {
-                rebuild_sqlite_memories(manager, hashed_memories_table(), all_hashed_indexes())
-                    .await
-            }
+            DbBackend::Postgres => upgrade_postgres_in_place(manager).await,
+            DbBackend::Sqlite => upgrade_sqlite_by_rebuild(manager).await,
             backend => Err(unsupported(backend)),
         }
     }
@@ -150,7 +166,7 @@ impl MigrationTrait for Migration {
             }
             DbBackend::Sqlite => {
                 rewrite_sqlite_timestamps_for_python(manager).await?;
-                rebuild_sqlite_memories(
+                rebuild_sqlite_table(
                     manager,
                     initial::memories_table(),
                     initial::memories_indexes(),
@@ -169,14 +185,23 @@ pub(crate) fn unsupported(backend: DbBackend) -> DbErr {
 }
 
 /// A legacy importance of 1.5 would otherwise stop the upgrade at the very
-/// end with a bare constraint error; say which check and how many rows.
+/// end with a bare constraint error; say which check and how many rows. The
+/// rows failing each check are counted in one pass over the table.
 async fn refuse_rows_failing_checks(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    for (name, predicate) in CHECKS {
-        let failing = count(
-            manager,
-            &format!("SELECT COUNT(*) FROM memories WHERE NOT ({predicate})"),
-        )
-        .await?;
+    let counts: Vec<String> = CHECKS
+        .iter()
+        .map(|(_, predicate)| {
+            format!("COALESCE(SUM(CASE WHEN NOT ({predicate}) THEN 1 ELSE 0 END), 0)")
+        })
+        .collect();
+    let sql = format!("SELECT {} FROM memories", counts.join(", "));
+    let row = manager
+        .get_connection()
+        .query_one_raw(Statement::from_string(manager.get_database_backend(), &sql))
+        .await?
+        .ok_or_else(|| DbErr::Migration(format!("no row from {sql}")))?;
+    for (n, (name, predicate)) in CHECKS.into_iter().enumerate() {
+        let failing: i64 = row.try_get_by_index(n)?;
         if failing > 0 {
             return Err(DbErr::Migration(format!(
                 "cannot add {name}: {failing} memory row(s) fail `{predicate}`; \
@@ -185,6 +210,196 @@ async fn refuse_rows_failing_checks(manager: &SchemaManager<'_>) -> Result<(), D
         }
     }
     Ok(())
+}
+
+/// PostgreSQL changes `memories` in place: the new columns are added, the
+/// backfill puts every row's hashes in a temporary table, the table is
+/// refilled with them (see [`refill_postgres_memories`]) with no index to
+/// maintain, then the constraints and indexes are built on the filled table.
+async fn upgrade_postgres_in_place(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    for (setting, value) in POSTGRES_SETTINGS {
+        db.execute_unprepared(&format!("SET LOCAL {setting} = '{value}'"))
+            .await?;
+    }
+    drop_initial_indexes(manager).await?;
+    let primary_key = drop_primary_key(manager).await?;
+    for column in hashing_columns() {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table(Memories::Table)
+                    .add_column(column)
+                    .to_owned(),
+            )
+            .await?;
+    }
+    db.execute_unprepared(&format!(
+        "CREATE TEMPORARY TABLE {POSTGRES_HASHES} (id text, content_hash text, semantic_hash text)"
+    ))
+    .await?;
+    backfill(manager).await?;
+    refill_postgres_memories(manager).await?;
+    restore_primary_key(manager, primary_key).await?;
+    merge::merge_rows_that_normalize_alike(manager).await?;
+    constrain_in_place(manager).await
+}
+
+/// Writes every row once, with its hashes: copied with them into a temporary
+/// table (which PostgreSQL does not log), then `memories` is truncated and
+/// refilled from it. An UPDATE would leave a dead version of every row in
+/// the table, and each index build and check after it would read twice the
+/// pages: the steps after the backfill took 2.5 times as long, measured.
+async fn refill_postgres_memories(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let staged = MemoriesStaged.to_string();
+    // Every column the table has, not only those 002 knows: the refill must
+    // not lose any.
+    let columns: Vec<String> = db
+        .query_all_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT quote_ident(attname) AS name FROM pg_attribute \
+             WHERE attrelid = 'memories'::regclass AND attnum > 0 AND NOT attisdropped \
+             ORDER BY attnum",
+        ))
+        .await?
+        .iter()
+        .map(|row| row.try_get("", "name"))
+        .collect::<Result<_, _>>()?;
+    let sources: Vec<String> = staged_sources(&columns, &HASH_COLUMNS)
+        .iter()
+        .zip(&columns)
+        .map(|(source, column)| format!("{source} AS {column}"))
+        .collect();
+    // Analyzed, the planner hash-joins the hashes against one pass over
+    // `memories` instead of sorting both by id.
+    db.execute_unprepared(&format!("ANALYZE {POSTGRES_HASHES}"))
+        .await?;
+    db.execute_unprepared(&format!(
+        "CREATE TEMPORARY TABLE {staged} AS SELECT {sources} \
+         FROM memories JOIN {POSTGRES_HASHES} AS hashed ON hashed.id = memories.id",
+        sources = sources.join(", "),
+    ))
+    .await?;
+    db.execute_unprepared(&format!("DROP TABLE {POSTGRES_HASHES}"))
+        .await?;
+    db.execute_unprepared("TRUNCATE memories").await?;
+    let columns = columns.join(", ");
+    let result = db
+        .execute_unprepared(&format!(
+            "INSERT INTO memories ({columns}) SELECT {columns} FROM {staged}"
+        ))
+        .await?;
+    tracing::info!(rows = result.rows_affected(), "wrote memory hashes");
+    db.execute_unprepared(&format!("DROP TABLE {staged}"))
+        .await?;
+    Ok(())
+}
+
+/// The primary key would cost the refill an index insert per row, in random
+/// id order (several times the refill itself): it is dropped first and built
+/// again afterwards in one sort, as it was. Returns its name and definition,
+/// `None` if the table has none.
+async fn drop_primary_key(manager: &SchemaManager<'_>) -> Result<Option<(String, String)>, DbErr> {
+    let db = manager.get_connection();
+    let Some(row) = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT quote_ident(conname) AS name, pg_get_constraintdef(oid) AS definition \
+             FROM pg_constraint WHERE conrelid = 'memories'::regclass AND contype = 'p'",
+        ))
+        .await?
+    else {
+        return Ok(None);
+    };
+    let name: String = row.try_get("", "name")?;
+    let definition: String = row.try_get("", "definition")?;
+    db.execute_unprepared(&format!("ALTER TABLE memories DROP CONSTRAINT {name}"))
+        .await?;
+    Ok(Some((name, definition)))
+}
+
+async fn restore_primary_key(
+    manager: &SchemaManager<'_>,
+    primary_key: Option<(String, String)>,
+) -> Result<(), DbErr> {
+    let Some((name, definition)) = primary_key else {
+        return Ok(());
+    };
+    manager
+        .get_connection()
+        .execute_unprepared(&format!(
+            "ALTER TABLE memories ADD CONSTRAINT {name} {definition}"
+        ))
+        .await?;
+    Ok(())
+}
+
+/// SQLite cannot add constraints in place, so `memories` is rebuilt anyway:
+/// the backfill writes each row, with its hashes and rewritten timestamps,
+/// into an unconstrained staging table that then stands in for `memories`
+/// through the merge and the rebuild. Each row is written twice (staged,
+/// rebuilt) instead of updated in place at random and then copied. The
+/// connection's page cache is raised for the run and put back after.
+async fn upgrade_sqlite_by_rebuild(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    let db = manager.get_connection();
+    let cache_size: i64 = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA cache_size",
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Migration("no row from PRAGMA cache_size".to_owned()))?
+        .try_get_by_index(0)?;
+    db.execute_unprepared(&format!("PRAGMA cache_size = -{SQLITE_CACHE_KIB}"))
+        .await?;
+    let outcome = stage_merge_and_rebuild_sqlite(manager).await;
+    let restored = db
+        .execute_unprepared(&format!("PRAGMA cache_size = {cache_size}"))
+        .await;
+    outcome.and(restored.map(drop))
+}
+
+async fn stage_merge_and_rebuild_sqlite(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
+    manager.create_table(staged_memories_table()).await?;
+    backfill(manager).await?;
+    manager
+        .drop_table(Table::drop().table(Memories::Table).to_owned())
+        .await?;
+    manager
+        .rename_table(
+            Table::rename()
+                .table(MemoriesStaged, Memories::Table)
+                .to_owned(),
+        )
+        .await?;
+    // The merge rewrites and deletes rows by id; the rebuild drops this index
+    // with the table.
+    manager
+        .create_index(
+            Index::create()
+                .name(STAGED_ID_INDEX)
+                .table(Memories::Table)
+                .col(Memories::Id)
+                .to_owned(),
+        )
+        .await?;
+    merge::merge_rows_that_normalize_alike(manager).await?;
+    rebuild_sqlite_table(manager, hashed_memories_table(), all_hashed_indexes()).await
+}
+
+/// The v3 columns with their types but no constraint, default or index, so
+/// filling it costs no index work: the rebuild adds them.
+fn staged_memories_table() -> TableCreateStatement {
+    let mut table = Table::create().table(MemoriesStaged).to_owned();
+    for column in hashed_memories_table().get_columns() {
+        let name = Alias::new(column.get_column_name());
+        table.col(match column.get_column_type() {
+            Some(column_type) => ColumnDef::new_with_type(name, column_type.clone()),
+            None => ColumnDef::new(name),
+        });
+    }
+    table
 }
 
 /// The new columns, nullable so they can be added to a filled table.
@@ -209,85 +424,208 @@ fn hashing_columns() -> [ColumnDef; 4] {
     ]
 }
 
-/// Fills both hashes of every unhashed row, one keyset page at a time. On
-/// SQLite it also rewrites the row's legacy timestamps: the Python system
-/// wrote naive `2024-01-15 10:00:00.123456` (or `2024-01-15 10:00:00` from
-/// the `CURRENT_TIMESTAMP` default) while the service writes and compares
-/// RFC 3339 UTC text, and SQLite compares both as plain text. Each value is
-/// read by the same sqlx decoder the service reads with (naive = UTC) and
-/// written back by the same encoder it writes with, so the text is exactly
-/// the service's.
+/// Computes both hashes of every row in Rust, a page at a time in storage
+/// order, and writes each page (see [`write_hashed_page`]). On SQLite it also
+/// rewrites the row's legacy timestamps: the Python system wrote naive
+/// `2024-01-15 10:00:00.123456` (or `2024-01-15 10:00:00` from the
+/// `CURRENT_TIMESTAMP` default) while the service writes and compares RFC
+/// 3339 UTC text, and SQLite compares both as plain text. Each value is read
+/// by the same sqlx decoder the service reads with (naive = UTC) and written
+/// back by the same encoder it writes with, so the text is exactly the
+/// service's.
 async fn backfill(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     let db = manager.get_connection();
-    let rewrites_timestamps = manager.get_database_backend() == DbBackend::Sqlite;
-    let mut read_columns = vec![Memories::Id, Memories::Content];
-    let mut written_columns = vec!["content_hash", "semantic_hash"];
-    if rewrites_timestamps {
-        read_columns.extend([
-            Memories::CreatedAt,
-            Memories::UpdatedAt,
-            Memories::LastAccessed,
-        ]);
-        written_columns.extend(LEGACY_TIMESTAMPS);
-    }
-    let pending = count(
-        manager,
-        "SELECT COUNT(*) FROM memories WHERE content_hash IS NULL",
-    )
-    .await?;
-    tracing::info!(pending, rewrites_timestamps, "backfilling memory hashes");
+    let pending = count(manager, "SELECT COUNT(*) FROM memories").await?;
+    tracing::info!(pending, "backfilling memory hashes");
+    let mut pages = LegacyPages::open(db).await?;
     let mut hashed = 0;
-    let mut after_id = None;
     loop {
-        let page = db
-            .query_all(&unhashed_page(&read_columns, after_id.as_deref()))
-            .await?;
-        let Some(last) = page.last() else { break };
-        after_id = Some(last.try_get::<String>("", "id")?);
-        let mut updates = Vec::with_capacity(page.len());
-        for row in &page {
-            let mut values = hashed_values(row)?;
-            if rewrites_timestamps {
-                for column in LEGACY_TIMESTAMPS {
-                    values.push(legacy_timestamp(row, column)?.into());
-                }
-            }
-            updates.push(values);
+        let page = pages.next(db).await?;
+        if page.is_empty() {
+            break;
         }
-        update_rows(db, &written_columns, updates, Ids::KeysetPage).await?;
+        let rows = page
+            .iter()
+            .map(|row| hashed_values(row, &pages))
+            .collect::<Result<Vec<_>, _>>()?;
+        write_hashed_page(db, rows).await?;
         let before = hashed;
         hashed += page.len();
         if before / PROGRESS_EVERY != hashed / PROGRESS_EVERY {
             tracing::info!(hashed, pending, "backfilled memory hashes");
         }
     }
+    pages.close(db).await?;
     tracing::info!(hashed, "backfill done");
     Ok(())
 }
 
-/// The next page of unhashed rows after `after_id`, in primary key order.
-/// Starting after the last id keeps each page an index range scan instead of
-/// rescanning the rows already hashed.
-fn unhashed_page(columns: &[Memories], after_id: Option<&str>) -> SelectStatement {
-    Query::select()
-        .columns(columns.iter().copied())
-        .from(Memories::Table)
-        .and_where(Expr::col(Memories::ContentHash).is_null())
-        .and_where_option(after_id.map(|id| Expr::col(Memories::Id).gt(id)))
-        .order_by(Memories::Id, Order::Asc)
-        .limit(BACKFILL_BATCH)
-        .to_owned()
+/// `memories` a page at a time in storage order, so that reading it is one
+/// sequential pass: a cursor on PostgreSQL, rowid ranges on SQLite (in `id`
+/// order, random like the UUIDs, each page would be scattered over the table).
+enum LegacyPages {
+    Postgres,
+    Sqlite { after_rowid: i64 },
 }
 
-/// `[id, content_hash, semantic_hash]` of a row holding `id` and `content`.
-fn hashed_values(row: &QueryResult) -> Result<Vec<Value>, DbErr> {
-    let id: String = row.try_get("", "id")?;
+impl LegacyPages {
+    async fn open(db: &impl ConnectionTrait) -> Result<Self, DbErr> {
+        match db.get_database_backend() {
+            DbBackend::Postgres => {
+                db.execute_unprepared(
+                    "DECLARE legacy_memories NO SCROLL CURSOR FOR SELECT id, content FROM memories",
+                )
+                .await?;
+                Ok(Self::Postgres)
+            }
+            DbBackend::Sqlite => Ok(Self::Sqlite { after_rowid: 0 }),
+            backend => Err(unsupported(backend)),
+        }
+    }
+
+    async fn next(&mut self, db: &impl ConnectionTrait) -> Result<Vec<QueryResult>, DbErr> {
+        match self {
+            Self::Postgres => {
+                db.query_all_raw(Statement::from_string(
+                    DbBackend::Postgres,
+                    format!("FETCH {BACKFILL_BATCH} FROM legacy_memories"),
+                ))
+                .await
+            }
+            Self::Sqlite { after_rowid } => {
+                let page = db
+                    .query_all_raw(Statement::from_sql_and_values(
+                        DbBackend::Sqlite,
+                        format!(
+                            "SELECT rowid AS source, id, content, {timestamps} FROM memories \
+                             WHERE rowid > ? ORDER BY rowid LIMIT {BACKFILL_BATCH}",
+                            timestamps = LEGACY_TIMESTAMPS.join(", ")
+                        ),
+                        [(*after_rowid).into()],
+                    ))
+                    .await?;
+                if let Some(last) = page.last() {
+                    *after_rowid = last.try_get("", "source")?;
+                }
+                Ok(page)
+            }
+        }
+    }
+
+    async fn close(self, db: &impl ConnectionTrait) -> Result<(), DbErr> {
+        if let Self::Postgres = self {
+            db.execute_unprepared("CLOSE legacy_memories").await?;
+        }
+        Ok(())
+    }
+}
+
+/// What the backfill computes for a row of [`LegacyPages`]: the row's key
+/// (`id` on PostgreSQL, `rowid` on SQLite), both hashes and, on SQLite, the
+/// rewritten [`LEGACY_TIMESTAMPS`].
+fn hashed_values(row: &QueryResult, pages: &LegacyPages) -> Result<Vec<Value>, DbErr> {
     let content: String = row.try_get("", "content")?;
-    Ok(vec![
-        id.into(),
+    let key = match pages {
+        LegacyPages::Postgres => Value::from(row.try_get::<String>("", "id")?),
+        LegacyPages::Sqlite { .. } => Value::from(row.try_get::<i64>("", "source")?),
+    };
+    let mut values = vec![
+        key,
         text::content_hash(&content).into(),
         text::format_semantic_hash(text::semantic_hash(&content)).into(),
-    ])
+    ];
+    if let LegacyPages::Sqlite { .. } = pages {
+        for column in LEGACY_TIMESTAMPS {
+            values.push(legacy_timestamp(row, column)?.into());
+        }
+    }
+    Ok(values)
+}
+
+/// PostgreSQL: into the temporary [`POSTGRES_HASHES`], for the refill.
+/// SQLite: the page's rows, joined by rowid with what was computed for them,
+/// into the staging table, so each row is written once there.
+async fn write_hashed_page(db: &impl ConnectionTrait, rows: Vec<Vec<Value>>) -> Result<(), DbErr> {
+    match db.get_database_backend() {
+        DbBackend::Postgres => {
+            for page in json_pages(&rows, POSTGRES_MESSAGE_BYTES) {
+                db.execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    format!(
+                        "INSERT INTO {POSTGRES_HASHES} (id, content_hash, semantic_hash) \
+                         SELECT hashed ->> 0, hashed ->> 1, hashed ->> 2 \
+                         FROM json_array_elements($1::json) AS page (hashed)"
+                    ),
+                    [page.into()],
+                ))
+                .await?;
+            }
+            Ok(())
+        }
+        backend => {
+            let computed: Vec<&str> = HASH_COLUMNS.into_iter().chain(LEGACY_TIMESTAMPS).collect();
+            let columns: Vec<String> = initial::memories_table()
+                .get_columns()
+                .iter()
+                .map(|column| column.get_column_name())
+                .chain(HASH_COLUMNS.map(String::from))
+                .collect();
+            let sources = staged_sources(&columns, &computed);
+            let sql = format!(
+                "WITH hashed (source, {computed}) AS (VALUES {tuples}) \
+                 INSERT INTO {staged} ({columns}) SELECT {sources} \
+                 FROM hashed JOIN memories ON memories.rowid = hashed.source",
+                computed = computed.join(", "),
+                tuples = values_list(&mut placeholders(backend), &rows),
+                staged = MemoriesStaged.to_string(),
+                columns = columns.join(", "),
+                sources = sources.join(", "),
+            );
+            db.execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                rows.into_iter().flatten(),
+            ))
+            .await?;
+            Ok(())
+        }
+    }
+}
+
+/// Where each of a staging table's `columns` comes from: what the backfill
+/// `computed`, from `hashed`; metadata, from [`metadata_or_empty`]; the rest,
+/// from `memories`.
+fn staged_sources(columns: &[String], computed: &[&str]) -> Vec<String> {
+    columns
+        .iter()
+        .map(|column| match column.as_str() {
+            "metadata" => metadata_or_empty(),
+            name if computed.contains(&name) => format!("hashed.{column}"),
+            _ => format!("memories.{column}"),
+        })
+        .collect()
+}
+
+/// `rows` as JSON arrays of arrays of at most `budget` bytes each (a longer
+/// row alone), in order.
+fn json_pages(rows: &[Vec<Value>], budget: usize) -> Vec<String> {
+    let mut pages = Vec::new();
+    let mut page = String::new();
+    for row in rows {
+        let row =
+            Json::from(row.iter().map(sea_value_to_json_value).collect::<Vec<_>>()).to_string();
+        if !page.is_empty() && page.len() + row.len() + 2 > budget {
+            page.push(']');
+            pages.push(std::mem::take(&mut page));
+        }
+        page.push(if page.is_empty() { '[' } else { ',' });
+        page.push_str(&row);
+    }
+    if !page.is_empty() {
+        page.push(']');
+        pages.push(page);
+    }
+    pages
 }
 
 /// A timestamp column of `row` as the service's sqlx decoder reads it,
@@ -317,6 +655,24 @@ pub(crate) fn placeholder(backend: DbBackend, n: usize) -> String {
     }
 }
 
+/// The bind parameters of a raw statement, in order.
+fn placeholders(backend: DbBackend) -> impl Iterator<Item = String> {
+    (1..).map(move |n| placeholder(backend, n))
+}
+
+/// `(p, p), (p, p)`: a VALUES list for `rows`, taking its parameters from
+/// `placeholders`.
+fn values_list(placeholders: &mut impl Iterator<Item = String>, rows: &[Vec<Value>]) -> String {
+    let tuples: Vec<String> = rows
+        .iter()
+        .map(|values| {
+            let row: Vec<String> = placeholders.by_ref().take(values.len()).collect();
+            format!("({})", row.join(", "))
+        })
+        .collect();
+    tuples.join(", ")
+}
+
 /// Sets `columns` of many rows in one statement. Each entry of `rows` is the
 /// row's id followed by one value per column. A keyset page's id range bounds
 /// the join: without it PostgreSQL may hash-join the page against a scan of
@@ -335,14 +691,8 @@ async fn update_rows(
         Ids::Scattered => vec![],
     };
     let backend = db.get_database_backend();
-    let mut placeholders = (1..).map(|n| placeholder(backend, n));
-    let tuples: Vec<String> = rows
-        .iter()
-        .map(|values| {
-            let row: Vec<String> = placeholders.by_ref().take(values.len()).collect();
-            format!("({})", row.join(", "))
-        })
-        .collect();
+    let mut placeholders = placeholders(backend);
+    let tuples = values_list(&mut placeholders, &rows);
     let assignments: Vec<String> = columns
         .iter()
         .map(|column| format!("{column} = new_values.{column}"))
@@ -360,7 +710,6 @@ async fn update_rows(
          UPDATE memories SET {assignments} FROM new_values \
          WHERE memories.id = new_values.id{bound}",
         columns = columns.join(", "),
-        tuples = tuples.join(", "),
         assignments = assignments.join(", "),
     );
     let values = rows.into_iter().flatten().chain(id_range);
@@ -369,28 +718,20 @@ async fn update_rows(
     Ok(())
 }
 
-/// The v3 model makes `metadata` NOT NULL with `{}` as its empty value.
-/// SQLAlchemy's JSON type stores Python's `None` as the JSON text `null`,
-/// so that counts as empty too.
-async fn replace_null_metadata(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    let result = manager
-        .get_connection()
-        .execute_unprepared(
-            "UPDATE memories SET metadata = '{}' \
-             WHERE metadata IS NULL OR CAST(metadata AS TEXT) = 'null'",
-        )
-        .await?;
-    tracing::info!(
-        rows = result.rows_affected(),
-        "replaced null memory metadata with {{}}"
-    );
-    Ok(())
+/// `metadata`, or `{}` where it is empty: the v3 model makes it NOT NULL with
+/// `{}` as its empty value, and SQLAlchemy's JSON type stores Python's `None`
+/// as the JSON text `null`, so that counts as empty too. Part of the one write
+/// of every row, so it costs no pass of its own.
+fn metadata_or_empty() -> String {
+    "CASE WHEN memories.metadata IS NULL OR CAST(memories.metadata AS TEXT) = 'null' \
+     THEN '{}' ELSE memories.metadata END"
+        .to_owned()
 }
 
-/// 001's unique constraint on the full content goes anyway (PostgreSQL;
-/// SQLite drops it with the table rebuild), and 001's secondary indexes are
-/// cheaper to build again afterwards than to maintain row by row through the
-/// backfill.
+/// 001's unique constraint on the full content goes anyway, and 001's
+/// secondary indexes are cheaper to build again afterwards than to maintain
+/// row by row through the backfill (PostgreSQL; SQLite drops them with the
+/// legacy table).
 async fn drop_initial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
     for index in initial::memories_indexes() {
         let name = index.get_index_spec().get_name().unwrap_or_default();
@@ -398,12 +739,10 @@ async fn drop_initial_indexes(manager: &SchemaManager<'_>) -> Result<(), DbErr> 
             .drop_index(Index::drop().name(name).table(Memories::Table).to_owned())
             .await?;
     }
-    if manager.get_database_backend() == DbBackend::Postgres {
-        manager
-            .get_connection()
-            .execute_unprepared("ALTER TABLE memories DROP CONSTRAINT uq_memory_session_content")
-            .await?;
-    }
+    manager
+        .get_connection()
+        .execute_unprepared("ALTER TABLE memories DROP CONSTRAINT uq_memory_session_content")
+        .await?;
     Ok(())
 }
 
@@ -577,51 +916,6 @@ pub(crate) fn hashed_memories_table() -> TableCreateStatement {
         table.check((Alias::new(name), Expr::cust(predicate)));
     }
     table
-}
-
-/// SQLite cannot add or drop constraints in place, so both directions rebuild
-/// `memories` (https://www.sqlite.org/lang_altertable.html#otheralter): create
-/// `target` under a scratch name, copy the columns it declares, swap it in and
-/// recreate `indexes` (dropping the old table dropped its indexes).
-pub(crate) async fn rebuild_sqlite_memories(
-    manager: &SchemaManager<'_>,
-    mut target: TableCreateStatement,
-    indexes: Vec<IndexCreateStatement>,
-) -> Result<(), DbErr> {
-    let columns: Vec<Alias> = target
-        .get_columns()
-        .iter()
-        .map(|column| Alias::new(column.get_column_name()))
-        .collect();
-    manager
-        .create_table(target.table(MemoriesRebuild).to_owned())
-        .await?;
-    let copy = Query::insert()
-        .into_table(MemoriesRebuild)
-        .columns(columns.clone())
-        .select_from(
-            Query::select()
-                .columns(columns)
-                .from(Memories::Table)
-                .to_owned(),
-        )
-        .map_err(|error| DbErr::Migration(format!("cannot build the memories copy: {error}")))?
-        .to_owned();
-    manager.execute(copy).await?;
-    manager
-        .drop_table(Table::drop().table(Memories::Table).to_owned())
-        .await?;
-    manager
-        .rename_table(
-            Table::rename()
-                .table(MemoriesRebuild, Memories::Table)
-                .to_owned(),
-        )
-        .await?;
-    for index in indexes {
-        manager.create_index(index).await?;
-    }
-    Ok(())
 }
 
 /// The single integer a `SELECT COUNT(*) ...` returns.

@@ -19,11 +19,16 @@ use sea_orm_migration::prelude::{
 use sea_orm_migration::sea_orm::prelude::Json;
 use sea_orm_migration::sea_orm::{ConnectionTrait, QueryResult, Statement, Value};
 
-use super::{BACKFILL_BATCH, Ids, Memories, placeholder, update_rows};
+use super::{Ids, Memories, placeholders, update_rows, values_list};
 
 /// A scratch index over the new unique key, so finding the groups and reading
 /// each group's rows are index scans; dropped once the groups are merged.
 const SCRATCH_INDEX: &str = "ix_memory_merge_scratch";
+
+/// Collision groups per page. Each statement of a page then fits in one TLS
+/// record, which sqlx 0.9.0 sends without waiting for a delayed ACK (see
+/// `POSTGRES_MESSAGE_BYTES`).
+const MERGE_BATCH: u64 = 100;
 
 /// What decides a merge, read from one legacy row (content is not needed).
 #[derive(Debug, Clone, PartialEq)]
@@ -183,7 +188,7 @@ fn colliding_keys_after(after: Option<&GroupKey>) -> SelectStatement {
         .group_by_columns(KEY_COLUMNS)
         .and_having(Expr::col(Memories::Id).count().gt(1))
         .order_by_columns(KEY_COLUMNS.map(|column| (column, Order::Asc)))
-        .limit(BACKFILL_BATCH)
+        .limit(MERGE_BATCH)
         .to_owned()
 }
 
@@ -192,10 +197,10 @@ fn colliding_keys_after(after: Option<&GroupKey>) -> SelectStatement {
 /// for a row-value `IN`).
 fn rows_of_groups(db: &impl ConnectionTrait, keys: Vec<GroupKey>) -> Statement {
     let backend = db.get_database_backend();
-    let tuples: Vec<String> = (0..keys.len())
-        .map(|n| {
-            let row: Vec<String> = (1..=3).map(|i| placeholder(backend, 3 * n + i)).collect();
-            format!("({})", row.join(", "))
+    let keys: Vec<Vec<Value>> = keys
+        .into_iter()
+        .map(|(session_id, content_type, content_hash)| {
+            vec![session_id.into(), content_type.into(), content_hash.into()]
         })
         .collect();
     let sql = format!(
@@ -204,15 +209,9 @@ fn rows_of_groups(db: &impl ConnectionTrait, keys: Vec<GroupKey>) -> Statement {
          m.access_count, m.metadata, m.last_accessed, m.created_at, m.updated_at \
          FROM merge_keys JOIN memories AS m ON m.session_id = merge_keys.session_id \
          AND m.content_type = merge_keys.content_type AND m.content_hash = merge_keys.content_hash",
-        tuples.join(", ")
+        values_list(&mut placeholders(backend), &keys)
     );
-    let values = keys
-        .into_iter()
-        .flat_map(|(session_id, content_type, content_hash)| {
-            [session_id.into(), content_type.into(), content_hash.into()]
-        })
-        .collect::<Vec<Value>>();
-    Statement::from_sql_and_values(backend, sql, values)
+    Statement::from_sql_and_values(backend, sql, keys.into_iter().flatten())
 }
 
 fn read_legacy_row(row: &QueryResult) -> Result<LegacyRow, DbErr> {
@@ -248,7 +247,7 @@ async fn write_merges(db: &impl ConnectionTrait, merges: Vec<MergedGroup>) -> Re
         ]);
     }
     update_rows(db, &MERGED_COLUMNS, kept_rows, Ids::Scattered).await?;
-    for ids in merged_ids.chunks(BACKFILL_BATCH as usize) {
+    for ids in merged_ids.chunks(MERGE_BATCH as usize) {
         db.execute(
             &Query::delete()
                 .from_table(Memories::Table)
