@@ -24,7 +24,7 @@ use sea_orm_migration::sea_orm::sea_query::sea_value_to_json_value;
 use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, QueryResult, Statement};
 
 use crate::m20240101_000001_initial_schema as initial;
-use crate::sqlite_rebuild::rebuild_sqlite_table;
+use crate::sqlite_rebuild::{rebuild_sqlite_table, with_large_page_cache};
 
 /// Rows read and written per page.
 const BACKFILL_BATCH: u64 = 1000;
@@ -62,11 +62,6 @@ const POSTGRES_MESSAGE_BYTES: usize = 15 * 1024;
 /// spilling to disk (server defaults: 4MB and 64MB).
 const POSTGRES_SETTINGS: [(&str, &str); 2] =
     [("work_mem", "128MB"), ("maintenance_work_mem", "256MB")];
-
-/// Page cache, in KiB, of the SQLite connection while it upgrades (the default
-/// is 2 MiB): the rebuilt table's primary key takes inserts all over (the ids
-/// are random), and a small cache writes and rereads its pages again and again.
-const SQLITE_CACHE_KIB: i64 = 64 * 1024;
 
 /// Index on the staging table's ids, for the merge (SQLite).
 const STAGED_ID_INDEX: &str = "ix_memory_staged_id";
@@ -339,25 +334,9 @@ async fn restore_primary_key(
 /// the backfill writes each row, with its hashes and rewritten timestamps,
 /// into an unconstrained staging table that then stands in for `memories`
 /// through the merge and the rebuild. Each row is written twice (staged,
-/// rebuilt) instead of updated in place at random and then copied. The
-/// connection's page cache is raised for the run and put back after.
+/// rebuilt) instead of updated in place at random and then copied.
 async fn upgrade_sqlite_by_rebuild(manager: &SchemaManager<'_>) -> Result<(), DbErr> {
-    let db = manager.get_connection();
-    let cache_size: i64 = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Sqlite,
-            "PRAGMA cache_size",
-        ))
-        .await?
-        .ok_or_else(|| DbErr::Migration("no row from PRAGMA cache_size".to_owned()))?
-        .try_get_by_index(0)?;
-    db.execute_unprepared(&format!("PRAGMA cache_size = -{SQLITE_CACHE_KIB}"))
-        .await?;
-    let outcome = stage_merge_and_rebuild_sqlite(manager).await;
-    let restored = db
-        .execute_unprepared(&format!("PRAGMA cache_size = {cache_size}"))
-        .await;
-    outcome.and(restored.map(drop))
+    with_large_page_cache(manager, stage_merge_and_rebuild_sqlite(manager)).await
 }
 
 async fn stage_merge_and_rebuild_sqlite(manager: &SchemaManager<'_>) -> Result<(), DbErr> {

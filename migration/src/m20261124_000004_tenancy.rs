@@ -10,7 +10,7 @@ use sea_orm_migration::sea_orm::DbBackend;
 
 use crate::m20240115_000002_add_content_hashing as hashing;
 use crate::m20261124_000003_request_log as request_log;
-use crate::sqlite_rebuild::rebuild_sqlite_table;
+use crate::sqlite_rebuild::{rebuild_sqlite_table, with_large_page_cache};
 
 /// The tenant of every row written before tenants existed.
 pub const DEFAULT_TENANT: &str = "default";
@@ -82,18 +82,21 @@ impl MigrationTrait for Migration {
                     .await?;
             }
             DbBackend::Sqlite => {
-                rebuild_sqlite_table(
-                    manager,
-                    tenant_memories_table(),
-                    hashing::all_hashed_indexes(),
-                )
-                .await?;
-                rebuild_sqlite_table(
-                    manager,
-                    tenant_requests_table(),
-                    request_log::memory_requests_indexes(),
-                )
-                .await?;
+                let rebuilds = async {
+                    rebuild_sqlite_table(
+                        manager,
+                        tenant_memories_table(),
+                        hashing::all_hashed_indexes(),
+                    )
+                    .await?;
+                    rebuild_sqlite_table(
+                        manager,
+                        tenant_requests_table(),
+                        request_log::memory_requests_indexes(),
+                    )
+                    .await
+                };
+                with_large_page_cache(manager, rebuilds).await?;
             }
             backend => return Err(unsupported(backend)),
         }

@@ -1,7 +1,39 @@
 //! SQLite cannot add or drop constraints in place, so a migration that changes
 //! them rebuilds the table (https://www.sqlite.org/lang_altertable.html#otheralter).
 
+use std::future::Future;
+
 use sea_orm_migration::prelude::*;
+use sea_orm_migration::sea_orm::{ConnectionTrait, DbBackend, Statement};
+
+/// Page cache, in KiB, of the SQLite connection while it rebuilds (the default
+/// is 2 MiB): the rebuilt table's primary key takes inserts all over (the ids
+/// are random), and a small cache writes and rereads its pages again and again.
+const REBUILD_CACHE_KIB: i64 = 64 * 1024;
+
+/// Runs `work` with the connection's page cache raised for it, and puts the
+/// cache size back after, whatever `work` returned.
+pub(crate) async fn with_large_page_cache<T>(
+    manager: &SchemaManager<'_>,
+    work: impl Future<Output = Result<T, DbErr>>,
+) -> Result<T, DbErr> {
+    let db = manager.get_connection();
+    let cache_size: i64 = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA cache_size",
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Migration("no row from PRAGMA cache_size".to_owned()))?
+        .try_get_by_index(0)?;
+    db.execute_unprepared(&format!("PRAGMA cache_size = -{REBUILD_CACHE_KIB}"))
+        .await?;
+    let outcome = work.await;
+    let restored = db
+        .execute_unprepared(&format!("PRAGMA cache_size = {cache_size}"))
+        .await;
+    outcome.and_then(|value| restored.map(|_| value))
+}
 
 /// Rebuilds the table `target` names into `target`'s shape: creates it under a
 /// scratch name, copies the columns it declares from the current table, swaps
