@@ -23,6 +23,11 @@ pub struct Accesses {
 }
 
 impl Accesses {
+    /// `count` with these accesses added (saturating: a counter never wraps).
+    pub fn added_to(self, count: i32) -> i32 {
+        count.saturating_add(i32::try_from(self.count).unwrap_or(i32::MAX))
+    }
+
     fn add(&mut self, other: Accesses) {
         self.count = self.count.saturating_add(other.count);
         self.last = self.last.max(other.last);
@@ -41,9 +46,7 @@ impl Tracked for engram_domain::entity::memory::Model {
     }
 
     fn add_accesses(&mut self, accesses: Accesses) {
-        self.access_count = self
-            .access_count
-            .saturating_add(i32::try_from(accesses.count).unwrap_or(i32::MAX));
+        self.access_count = accesses.added_to(self.access_count);
         self.last_accessed = Some(
             self.last_accessed
                 .map_or(accesses.last, |last| last.max(accesses.last)),

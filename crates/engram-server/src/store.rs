@@ -127,9 +127,7 @@ impl Tracked for LiveMemory {
     }
 
     fn add_accesses(&mut self, accesses: Accesses) {
-        self.access_count = self
-            .access_count
-            .saturating_add(i32::try_from(accesses.count).unwrap_or(i32::MAX));
+        self.access_count = accesses.added_to(self.access_count);
     }
 }
 
