@@ -15,10 +15,7 @@ const WRITERS: usize = 16;
 async fn acknowledged_stores_survive_sigkill(backend: Backend) {
     let database = TestDatabase::create(backend).await;
     let url = database.url().to_owned();
-    let mut server = EngramProcess::spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-        &[],
-    );
+    let mut server = EngramProcess::serve(&url, &[]);
     let client = server.client().await;
     let writers: Vec<_> = (0..WRITERS)
         .map(|writer| {
@@ -65,10 +62,7 @@ async fn acknowledged_stores_survive_sigkill(backend: Backend) {
         "merges were acknowledged too"
     );
 
-    let restarted = EngramProcess::spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-        &[],
-    );
+    let restarted = EngramProcess::serve(&url, &[]);
     let mut client = restarted.client().await;
     for reply in &acknowledged {
         let stored = reply.memory.as_ref().expect("memory");

@@ -17,10 +17,7 @@ use tonic::Code;
 async fn sigterm_drains_in_flight_calls_and_loses_nothing_acknowledged() {
     let database = TestDatabase::create(Backend::Sqlite).await;
     let url = database.url().to_owned();
-    let mut server = EngramProcess::spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-        &[("ENGRAM_SHUTDOWN_DRAIN_SECONDS", "1")],
-    );
+    let mut server = EngramProcess::serve(&url, &[("ENGRAM_SHUTDOWN_DRAIN_SECONDS", "1")]);
     let client = server.client().await;
     let writers: Vec<_> = (0..8)
         .map(|writer| {
@@ -76,10 +73,7 @@ async fn sigterm_drains_in_flight_calls_and_loses_nothing_acknowledged() {
         acknowledged.len()
     );
 
-    let restarted = EngramProcess::spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-        &[],
-    );
+    let restarted = EngramProcess::serve(&url, &[]);
     let mut client = restarted.client().await;
     for name in &acknowledged {
         client
@@ -92,16 +86,7 @@ async fn sigterm_drains_in_flight_calls_and_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn readiness_follows_a_database_outage_and_calls_get_unavailable() {
     let cluster = PrivatePostgres::start();
-    let server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            &cluster.url(),
-        ],
-        &[],
-    );
+    let server = EngramProcess::serve(&cluster.url(), &[]);
     let mut client = server.client().await;
     client
         .store_memory(store_request("outage", memory("before the outage")))
@@ -159,10 +144,7 @@ async fn readiness_follows_a_database_outage_and_calls_get_unavailable() {
 async fn readiness_waits_for_the_schema_when_a_job_migrates() {
     let database = TestDatabase::create(Backend::Postgres).await;
     let url = database.url().to_owned();
-    let server = EngramProcess::spawn(
-        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-        &[("ENGRAM_MIGRATE_ON_START", "false")],
-    );
+    let server = EngramProcess::serve(&url, &[("ENGRAM_MIGRATE_ON_START", "false")]);
     let address = server.address;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
@@ -212,10 +194,7 @@ async fn three_replicas_on_one_postgres_make_one_row_and_sweep_safely() {
             .map(|_| {
                 let url = url.clone();
                 scope.spawn(move || {
-                    EngramProcess::spawn(
-                        &["serve", "--listen", "127.0.0.1:0", "--database-url", &url],
-                        &[("ENGRAM_SWEEP_INTERVAL_SECONDS", "1")],
-                    )
+                    EngramProcess::serve(&url, &[("ENGRAM_SWEEP_INTERVAL_SECONDS", "1")])
                 })
             })
             .collect();

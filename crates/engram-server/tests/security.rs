@@ -50,14 +50,8 @@ async fn tokens_decide_tenant_and_role_and_rotate_without_restart() {
         "acme:agent:env://ACME_TOKEN;ops:admin:file://{}",
         admin_file.display()
     );
-    let server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database.url(),
-        ],
+    let server = EngramProcess::serve(
+        database.url(),
         &[
             ("ENGRAM_AUTH_TOKENS", &tokens),
             ("ACME_TOKEN", AGENT_TOKEN),
@@ -228,14 +222,8 @@ async fn serving_beyond_loopback_needs_authentication_or_an_explicit_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_refuse_with_resource_exhausted_and_reflection_can_be_off() {
     let database = TestDatabase::create(Backend::Sqlite).await;
-    let server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database.url(),
-        ],
+    let server = EngramProcess::serve(
+        database.url(),
         &[
             ("ENGRAM_RATE_LIMIT_PER_SECOND", "1"),
             ("ENGRAM_RATE_LIMIT_BURST", "3"),
@@ -305,14 +293,8 @@ async fn limits_refuse_with_resource_exhausted_and_reflection_can_be_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connection_over_its_concurrency_is_shed_not_queued() {
     let database = TestDatabase::create(Backend::Sqlite).await;
-    let server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database.url(),
-        ],
+    let server = EngramProcess::serve(
+        database.url(),
         &[("ENGRAM_MAX_CONCURRENT_REQUESTS_PER_CONNECTION", "1")],
     );
     let client = MemoryServiceClient::new(channel(&server).await);

@@ -111,14 +111,8 @@ async fn spans_and_metrics_describe_calls_without_their_content() {
         .expect("address");
     let endpoint = format!("http://127.0.0.1:{}", receiver.port);
     let metrics_listen = metrics_address.to_string();
-    let mut server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database.url(),
-        ],
+    let mut server = EngramProcess::serve(
+        database.url(),
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
             ("OTEL_BSP_SCHEDULE_DELAY", "100"),

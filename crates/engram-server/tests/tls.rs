@@ -95,14 +95,8 @@ async fn tls_channel(
 async fn mutual_tls_names_the_tenant_and_refuses_everyone_else() {
     let pki = Pki::new(&["acme-agent", "stranger"]);
     let database = TestDatabase::create(Backend::Sqlite).await;
-    let server = EngramProcess::spawn(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--database-url",
-            database.url(),
-        ],
+    let server = EngramProcess::serve(
+        database.url(),
         &[
             ("ENGRAM_TLS_CERT_FILE", &arg(&pki.path("server.pem"))),
             ("ENGRAM_TLS_KEY_FILE", &arg(&pki.path("server.key"))),

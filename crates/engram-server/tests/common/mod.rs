@@ -359,6 +359,20 @@ impl EngramProcess {
         }
     }
 
+    /// `engram serve` on a free loopback port over `database_url`.
+    pub fn serve(database_url: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn(
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--database-url",
+                database_url,
+            ],
+            env,
+        )
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().expect("log").clone()
     }
