@@ -17,6 +17,7 @@ mod m20240101_000001_initial_schema;
 mod m20240115_000002_add_content_hashing;
 mod m20261124_000003_request_log;
 mod m20261124_000004_tenancy;
+mod m20261124_000005_lean_indexes;
 mod sqlite_rebuild;
 
 pub use adoption::ALEMBIC_REVISIONS;
@@ -36,6 +37,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20240115_000002_add_content_hashing::Migration),
             Box::new(m20261124_000003_request_log::Migration),
             Box::new(m20261124_000004_tenancy::Migration),
+            Box::new(m20261124_000005_lean_indexes::Migration),
         ]
     }
 }

@@ -208,18 +208,11 @@ impl Catalog for PgCatalog {
                 "CREATE UNIQUE INDEX memories_pkey ON public.memories USING btree (id)",
                 "CREATE UNIQUE INDEX uq_memory_tenant_session_content_hash ON public.memories \
                  USING btree (tenant_id, session_id, content_type, content_hash)",
-                "CREATE INDEX ix_memories_session_id ON public.memories USING btree (session_id)",
                 "CREATE INDEX ix_memory_created_at ON public.memories USING btree (created_at)",
-                "CREATE INDEX ix_memory_content_hash ON public.memories USING btree (content_hash)",
-                "CREATE INDEX ix_memory_semantic_hash ON public.memories USING btree (semantic_hash)",
-                "CREATE INDEX ix_memory_expires_at ON public.memories USING btree (expires_at)",
-                "CREATE INDEX ix_memory_deleted_at ON public.memories USING btree (deleted_at)",
-                "CREATE INDEX ix_memory_active_expires ON public.memories USING btree (expires_at) \
-                 WHERE ((deleted_at IS NULL) AND (expires_at IS NOT NULL))",
-                "CREATE INDEX ix_memory_session_type_importance ON public.memories \
-                 USING btree (session_id, content_type, importance) WHERE (deleted_at IS NULL)",
-                "CREATE INDEX ix_memory_cleanup ON public.memories \
-                 USING btree (session_id, last_accessed, importance) WHERE (deleted_at IS NULL)",
+                "CREATE INDEX ix_memory_expiring ON public.memories USING btree (expires_at) \
+                 WHERE (expires_at IS NOT NULL)",
+                "CREATE INDEX ix_memory_deleted ON public.memories USING btree (deleted_at) \
+                 WHERE (deleted_at IS NOT NULL)",
                 "CREATE UNIQUE INDEX memory_requests_pkey ON public.memory_requests \
                  USING btree (tenant_id, request_id)",
                 "CREATE INDEX ix_memory_requests_created_at ON public.memory_requests \
@@ -329,9 +322,9 @@ async fn down_refuses_content_too_long_for_the_initial_unique_constraint() {
     let database = FreshDatabase::create().await;
     let db = database.connect().await;
     Migrator::up(&db, None).await.expect("migrate up");
-    Migrator::down(&db, Some(2))
+    Migrator::down(&db, Some(3))
         .await
-        .expect("roll back tenancy and the request log");
+        .expect("roll back the indexes, tenancy and the request log");
     let at_limit = Memory::new("s1", "fact", &"x".repeat(2600));
     // 1301 characters but 2602 bytes.
     let too_long = Memory::new("s1", "fact", &"é".repeat(1301));

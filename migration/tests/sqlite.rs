@@ -107,18 +107,11 @@ impl Catalog for SqliteCatalog {
             indexes: sorted([
                 "ix_audit_events_tenant_created ON audit_events (tenant_id, created_at) unique=0 origin=c",
                 "sqlite_autoindex_audit_events_1 ON audit_events (id) unique=1 origin=pk",
-                "ix_memories_session_id ON memories (session_id) unique=0 origin=c",
                 "ix_memory_created_at ON memories (created_at) unique=0 origin=c",
-                "ix_memory_content_hash ON memories (content_hash) unique=0 origin=c",
-                "ix_memory_semantic_hash ON memories (semantic_hash) unique=0 origin=c",
-                "ix_memory_expires_at ON memories (expires_at) unique=0 origin=c",
-                "ix_memory_deleted_at ON memories (deleted_at) unique=0 origin=c",
-                "ix_memory_active_expires ON memories (expires_at) unique=0 origin=c \
-                 WHERE deleted_at IS NULL AND expires_at IS NOT NULL",
-                "ix_memory_session_type_importance ON memories (session_id, content_type, importance) \
-                 unique=0 origin=c WHERE deleted_at IS NULL",
-                "ix_memory_cleanup ON memories (session_id, last_accessed, importance) \
-                 unique=0 origin=c WHERE deleted_at IS NULL",
+                "ix_memory_expiring ON memories (expires_at) unique=0 origin=c \
+                 WHERE expires_at IS NOT NULL",
+                "ix_memory_deleted ON memories (deleted_at) unique=0 origin=c \
+                 WHERE deleted_at IS NOT NULL",
                 "sqlite_autoindex_memories_1 ON memories (id) unique=1 origin=pk",
                 "sqlite_autoindex_memories_2 ON memories \
                  (tenant_id, session_id, content_type, content_hash) unique=1 origin=u",
@@ -376,9 +369,9 @@ async fn legacy_timestamps_become_the_services_text_and_back() {
     db.execute_unprepared("DELETE FROM memories WHERE id = 'probe'")
         .await
         .expect("delete the probe");
-    Migrator::down(&db, Some(2))
+    Migrator::down(&db, Some(3))
         .await
-        .expect("roll back tenancy and the request log");
+        .expect("roll back the indexes, tenancy and the request log");
     migration::migrate_down(&db)
         .await
         .expect("migrate down to 001");

@@ -21,11 +21,12 @@ use migration::{MIGRATION_LOCK_NAME, Migrator, MigratorTrait, SchemaManager};
 const LEGACY_ROWS: i64 = 200_000;
 /// Every this many rows, one more row whose content normalizes like it (then merged).
 const COLLISION_EVERY: i64 = 10_000;
-const ALL: [&str; 4] = [
+const ALL: [&str; 5] = [
     "m20240101_000001_initial_schema",
     "m20240115_000002_add_content_hashing",
     "m20261124_000003_request_log",
     "m20261124_000004_tenancy",
+    "m20261124_000005_lean_indexes",
 ];
 const APPLYING_002: &str = "Applying migration 'm20240115_000002_add_content_hashing'";
 /// A guard against a hung process, never an expectation of speed.
