@@ -71,8 +71,16 @@ impl MigrationTrait for Migration {
 /// NOT NULL, so both SQLite and PostgreSQL use them).
 fn sweeper_indexes() -> [IndexCreateStatement; 2] {
     [
-        (("ix_memory_expiring"), Memories::ExpiresAt, "expires_at IS NOT NULL"),
-        (("ix_memory_deleted"), Memories::DeletedAt, "deleted_at IS NOT NULL"),
+        (
+            ("ix_memory_expiring"),
+            Memories::ExpiresAt,
+            "expires_at IS NOT NULL",
+        ),
+        (
+            ("ix_memory_deleted"),
+            Memories::DeletedAt,
+            "deleted_at IS NOT NULL",
+        ),
     ]
     .map(|(name, column, predicate)| {
         Index::create()

@@ -9,6 +9,7 @@ pub mod readiness;
 pub mod secrets;
 pub mod server;
 pub mod service;
+pub mod session_cache;
 pub mod settings;
 pub mod store;
 pub mod sweeper;

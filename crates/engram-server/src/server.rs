@@ -40,6 +40,8 @@ pub enum StartError {
     Secret(#[from] crate::secrets::SecretError),
     #[error("invalid TLS setting: {0}")]
     Tls(String),
+    #[error("{0}")]
+    SqliteClaimed(String),
     #[error("cannot read the listen address: {0}")]
     Listen(#[source] std::io::Error),
     #[error(
@@ -89,10 +91,14 @@ pub async fn serve(
     let db = store::connect(&settings.database_url, settings.database_max_connections)
         .await
         .map_err(StartError::Connect)?;
+    // Held until serving ends (`connect` has made the file's directory).
+    let _sqlite_claim =
+        store::claim_sqlite_file(&settings.database_url).map_err(StartError::SqliteClaimed)?;
     if let Some(address) = settings.metrics_listen {
         crate::telemetry::serve_metrics(address).map_err(StartError::Metrics)?;
     }
-    let store = MemoryStore::new(db.clone(), policy(&settings));
+    let cache_bytes = usize::try_from(settings.session_cache_mib).unwrap_or(usize::MAX) << 20;
+    let store = MemoryStore::new(db.clone(), policy(&settings), cache_bytes);
     let store_at_exit = store.clone();
 
     let (health, health_service) = tonic_health::server::health_reporter();

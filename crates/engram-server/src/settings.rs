@@ -37,6 +37,9 @@ pub struct Settings {
     pub sweep_interval_seconds: u32,
     /// Largest number of pooled database connections.
     pub database_max_connections: u32,
+    /// Memory for whole sessions kept for RetrieveMemories and FindSimilarMemories, in MiB
+    /// (0: every call reads the database).
+    pub session_cache_mib: u32,
     /// Apply pending migrations at start (turn off when a Kubernetes Job runs them).
     pub migrate_on_start: bool,
     /// Address of the Prometheus `/metrics` endpoint; none serves no metrics.
@@ -95,6 +98,7 @@ impl Default for Settings {
             soft_delete_retention_days: 30,
             sweep_interval_seconds: 60,
             database_max_connections: 16,
+            session_cache_mib: 64,
             migrate_on_start: true,
             metrics_listen: None,
             log_format: LogFormat::Text,
@@ -129,7 +133,7 @@ const UNPREFIXED_ENV: [(&str, EnvKind); 6] = [
     ("memory_importance_threshold", EnvKind::Number),
 ];
 /// Engram's own settings, read from `ENGRAM_`-prefixed variables.
-const PREFIXED_ENV: [&str; 21] = [
+const PREFIXED_ENV: [&str; 22] = [
     "tls_cert_file",
     "tls_key_file",
     "tls_client_ca_file",
@@ -150,6 +154,7 @@ const PREFIXED_ENV: [&str; 21] = [
     "soft_delete_retention_days",
     "sweep_interval_seconds",
     "database_max_connections",
+    "session_cache_mib",
     "database_url",
 ];
 
@@ -235,6 +240,7 @@ impl Settings {
             1,
             1000,
         )?;
+        check_range("session_cache_mib", self.session_cache_mib, 0, 16 * 1024)?;
         check_range(
             "shutdown_drain_seconds",
             self.shutdown_drain_seconds,

@@ -33,6 +33,7 @@ use crate::access::{AccessTracker, Accesses, Tracked};
 use crate::auth::Caller;
 use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
+use crate::session_cache::{SessionCache, SessionKey};
 
 use row::{Column, Entity as Memories};
 
@@ -59,21 +60,31 @@ const MERGE_CHUNK: usize = 200;
 const POSTGRES_CONCURRENT_GROUPS: usize = 4;
 /// Rows inserted per statement (at most 15 values each, well below every parameter limit).
 const INSERT_CHUNK: usize = 256;
+/// Oldest a cached session may be: what a lost change notification or another replica's
+/// access counts can leave stale at worst.
+const SESSION_CACHE_MAX_AGE: StdDuration = StdDuration::from_secs(10);
+/// PostgreSQL channel on which replicas announce the sessions they changed.
+const CHANGES_CHANNEL: &str = "engram_sessions";
+/// The payload announcing that any session may have changed.
+const EVERY_SESSION: &str = "*";
 
 #[derive(Clone)]
 pub struct MemoryStore {
     db: DatabaseConnection,
     policy: Policy,
     accesses: Arc<AccessTracker>,
+    cache: Arc<SessionCache>,
     stores: StoreQueue,
 }
 
-/// What the group-commit writer needs: the database, the rules and the access counts.
+/// What the group-commit writer needs: the database, the rules, the access counts and the
+/// cache it must tell of the sessions it changed.
 #[derive(Clone)]
 pub struct Tables {
     db: DatabaseConnection,
     policy: Policy,
     accesses: Arc<AccessTracker>,
+    cache: Arc<SessionCache>,
 }
 
 /// A live memory as the session cap and the near-duplicate check see it: no content, no
@@ -108,17 +119,48 @@ impl LiveMemory {
     }
 
     fn ranked(&self, now: DateTime<Utc>) -> Ranked<'_> {
-        Ranked {
-            id: &self.id,
-            created_at: self.created_at,
-            effective_importance: effective_importance(
-                self.importance,
-                self.created_at,
-                i64::from(self.access_count),
-                now,
-            ),
-        }
+        rank_at(
+            &self.id,
+            self.importance,
+            self.created_at,
+            self.access_count,
+            now,
+        )
     }
+}
+
+fn rank_at(
+    id: &str,
+    importance: f64,
+    created_at: DateTime<Utc>,
+    access_count: i32,
+    now: DateTime<Utc>,
+) -> Ranked<'_> {
+    Ranked {
+        id,
+        created_at,
+        effective_importance: effective_importance(
+            importance,
+            created_at,
+            i64::from(access_count),
+            now,
+        ),
+    }
+}
+
+fn ranked(memory: &row::Model, now: DateTime<Utc>) -> Ranked<'_> {
+    rank_at(
+        &memory.id,
+        memory.importance,
+        memory.created_at,
+        memory.access_count,
+        now,
+    )
+}
+
+/// Neither deleted nor expired at `now` (what `live_at` selects).
+fn is_live_at(memory: &row::Model, now: DateTime<Utc>) -> bool {
+    memory.deleted_at.is_none() && memory.expires_at.is_none_or(|at| at > now)
 }
 
 impl Tracked for LiveMemory {
@@ -206,17 +248,43 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
 
 /// The directory of a file-backed SQLite URL, created before connecting.
 fn sqlite_directory(url: &str) -> Option<PathBuf> {
+    sqlite_file(url)?
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .map(PathBuf::from)
+}
+
+fn sqlite_file(url: &str) -> Option<PathBuf> {
     let path = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     let path = path.split('?').next().unwrap_or_default();
-    if path.is_empty() || path == ":memory:" {
-        return None;
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// Claims a SQLite database file for this process while the returned lock is held: the
+/// session cache trusts that every write to the file is this process's own, so a second
+/// server on the same file is refused (the lock goes with the process, even on SIGKILL).
+pub fn claim_sqlite_file(url: &str) -> Result<Option<std::fs::File>, String> {
+    let Some(file) = sqlite_file(url) else {
+        return Ok(None);
+    };
+    let mut lock_path = file.into_os_string();
+    lock_path.push(".serving");
+    let lock_path = PathBuf::from(lock_path);
+    let lock = std::fs::File::create(&lock_path)
+        .map_err(|error| format!("cannot create {}: {error}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => Ok(Some(lock)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another Engram process is serving this SQLite database ({} is locked); \
+             SQLite is served by one process, PostgreSQL by any number of replicas",
+            lock_path.display()
+        )),
+        Err(std::fs::TryLockError::Error(error)) => {
+            Err(format!("cannot lock {}: {error}", lock_path.display()))
+        }
     }
-    PathBuf::from(path)
-        .parent()
-        .filter(|parent| !parent.as_os_str().is_empty())
-        .map(PathBuf::from)
 }
 
 fn visible_at(now: DateTime<Utc>) -> Condition {
@@ -243,24 +311,38 @@ fn by_name(tenant: &str, name: &MemoryName) -> Condition {
 }
 
 impl MemoryStore {
-    /// The store, its group-commit writer and its access flusher (both run on the caller's
-    /// tokio runtime and stop with the last clone of the store).
-    pub fn new(db: DatabaseConnection, policy: Policy) -> Self {
+    /// The store, its group-commit writer, its access flusher and, on PostgreSQL, the
+    /// listener for other replicas' changes (all run on the caller's tokio runtime and stop
+    /// with the last clone of the store). `cache_bytes` bounds the session cache (0: none).
+    pub fn new(db: DatabaseConnection, policy: Policy, cache_bytes: usize) -> Self {
         let accesses = Arc::new(AccessTracker::default());
         tokio::spawn(flush_accesses_every(
             db.clone(),
             Arc::downgrade(&accesses),
             ACCESS_FLUSH_INTERVAL,
         ));
+        let postgres = db.get_database_backend() == DbBackend::Postgres;
+        // SQLite is this process's own file: it sees every write. PostgreSQL is shared with
+        // other replicas, so the cache serves only while their changes can be heard.
+        let cache = Arc::new(SessionCache::new(
+            cache_bytes,
+            SESSION_CACHE_MAX_AGE,
+            !postgres,
+        ));
+        if postgres && cache_bytes > 0 {
+            tokio::spawn(listen_for_changes(db.clone(), Arc::downgrade(&cache)));
+        }
         let stores = StoreQueue::start(Tables {
             db: db.clone(),
             policy,
             accesses: accesses.clone(),
+            cache: cache.clone(),
         });
         Self {
             db,
             policy,
             accesses,
+            cache,
             stores,
         }
     }
@@ -402,6 +484,7 @@ impl MemoryStore {
         updated.updated_at = now;
         let updated = write_back(&transaction, updated).await?;
         transaction.commit().await?;
+        self.changed(tenant, &name.session_id).await;
         Ok(updated)
     }
 
@@ -435,6 +518,7 @@ impl MemoryStore {
         };
         event.write(&transaction, caller, now).await?;
         transaction.commit().await?;
+        self.changed(tenant, &name.session_id).await;
         Ok(deleted)
     }
 
@@ -461,6 +545,7 @@ impl MemoryStore {
         )
         .await?;
         transaction.commit().await?;
+        self.changed(tenant, &name.session_id).await;
         Ok(restored)
     }
 
@@ -570,13 +655,16 @@ impl MemoryStore {
         };
         transaction.commit().await?;
         if force && count > 0 {
+            match sessions {
+                SessionScope::One(session) => self.changed(tenant, session).await,
+                SessionScope::All => changed_everywhere(&self.db, &self.cache).await,
+            }
             self.erase_freed_pages().await?;
         }
         Ok((count, sample))
     }
 
-    /// The most important live memories, with their access recorded. Ranks the session's
-    /// memories on a few columns, then loads the chosen ones whole.
+    /// The most important live memories, with their access recorded.
     pub async fn retrieve(
         &self,
         tenant: &str,
@@ -586,55 +674,42 @@ impl MemoryStore {
         limit: usize,
         now: DateTime<Utc>,
     ) -> Result<Vec<row::Model>, MemoryError> {
-        let mut condition = in_session(tenant, session).add(live_at(now));
-        if !content_types.is_empty() {
-            condition = condition
-                .add(Column::ContentType.is_in(content_types.iter().map(|kind| kind.as_str())));
-        }
-        let candidates: Vec<LiveMemory> = self
-            .accesses
-            .read(|| load_live(&self.db, condition.clone()))
-            .await?
-            .into_iter()
-            .map(|SessionLive(_, memory)| memory)
-            .collect();
-        let mut ranking: Vec<Ranked> = candidates
-            .iter()
-            .map(|memory| memory.ranked(now))
-            .filter(|memory| memory.effective_importance >= min_importance)
-            .collect();
-        rank_descending(&mut ranking);
-        let chosen: Vec<&str> = ranking.iter().take(limit).map(|memory| memory.id).collect();
-        if chosen.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut whole: HashMap<String, row::Model> = load_rows(
-            &self.db,
-            Condition::all().add(Column::Id.is_in(chosen.iter().copied())),
-        )
-        .await?
-        .into_iter()
-        .map(|memory| (memory.id.clone(), memory))
-        .collect();
-        let mut by_rank = Vec::with_capacity(chosen.len());
-        for id in chosen {
-            // Gone since the ranking (deleted meanwhile): not returned, not counted.
-            let Some(memory) = whole.remove(id) else {
-                continue;
-            };
-            let seen = candidates
+        let wanted = |memory: &row::Model| {
+            content_types.is_empty()
+                || content_types
+                    .iter()
+                    .any(|kind| kind.as_str() == memory.content_type)
+        };
+        let choose = |memories: &mut Vec<row::Model>| {
+            let mut ranking: Vec<Ranked> = memories
                 .iter()
-                .find(|candidate| candidate.id == id)
-                .expect("chosen from candidates");
-            by_rank.push(row::Model {
-                access_count: seen.access_count.saturating_add(1),
-                last_accessed: Some(now),
-                ..memory
-            });
-        }
-        self.accesses
-            .record(by_rank.iter().map(|memory| memory.id.as_str()), now);
-        Ok(by_rank)
+                .filter(|memory| is_live_at(memory, now) && wanted(memory))
+                .map(|memory| ranked(memory, now))
+                .filter(|memory| memory.effective_importance >= min_importance)
+                .collect();
+            rank_descending(&mut ranking);
+            let chosen: Vec<String> = ranking
+                .iter()
+                .take(limit)
+                .map(|memory| memory.id.to_owned())
+                .collect();
+            let access = Accesses {
+                count: 1,
+                last: now,
+            };
+            let by_rank: Vec<row::Model> = chosen
+                .iter()
+                .filter_map(|id| {
+                    let memory = memories.iter_mut().find(|memory| &memory.id == id)?;
+                    memory.add_accesses(access);
+                    Some(memory.clone())
+                })
+                .collect();
+            self.accesses
+                .record(by_rank.iter().map(|memory| memory.id.as_str()), now);
+            by_rank
+        };
+        Ok(self.with_session(tenant, session, now, choose).await?)
     }
 
     pub async fn find_similar(
@@ -645,41 +720,49 @@ impl MemoryStore {
         max_distance: u32,
         now: DateTime<Utc>,
     ) -> Result<Vec<(row::Model, u32)>, MemoryError> {
-        let live = self
+        let near = |memories: &mut Vec<row::Model>| {
+            let live: Vec<LiveMemory> = memories
+                .iter()
+                .filter(|memory| is_live_at(memory, now))
+                .map(LiveMemory::from_model)
+                .collect();
+            nearest(semantic_hash, live.iter(), max_distance)
+                .into_iter()
+                .filter_map(|(id, distance)| {
+                    let memory = memories.iter().find(|memory| memory.id == id)?;
+                    Some((memory.clone(), distance))
+                })
+                .collect()
+        };
+        Ok(self.with_session(tenant, session, now, near).await?)
+    }
+
+    /// Runs `use_memories` on the session's live memories, whole: from the session cache,
+    /// or loaded (with the accesses not yet written) and offered to it.
+    async fn with_session<R>(
+        &self,
+        tenant: &str,
+        session: &SessionId,
+        now: DateTime<Utc>,
+        mut use_memories: impl FnMut(&mut Vec<row::Model>) -> R,
+    ) -> Result<R, DbErr> {
+        let key: SessionKey = (tenant.to_owned(), session.as_str().to_owned());
+        let ticket = match self.cache.with_cached(&key, &mut use_memories) {
+            Ok(result) => return Ok(result),
+            Err(ticket) => ticket,
+        };
+        let loaded = self
             .accesses
-            .read(|| load_live(&self.db, in_session(tenant, session).add(live_at(now))))
+            .read(|| load_rows(&self.db, in_session(tenant, session).add(live_at(now))))
             .await?;
-        let near = nearest(
-            semantic_hash,
-            live.iter().map(|SessionLive(_, memory)| memory),
-            max_distance,
-        );
-        if near.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut whole = self
-            .accesses
-            .read(|| {
-                load_rows(
-                    &self.db,
-                    Condition::all().add(Column::Id.is_in(near.iter().map(|(id, _)| id.as_str()))),
-                )
-            })
-            .await?;
-        Ok(near
-            .into_iter()
-            .filter_map(|(id, distance)| {
-                let at = whole.iter().position(|memory| memory.id == id)?;
-                Some((whole.swap_remove(at), distance))
-            })
-            .collect())
+        Ok(self.cache.fill(key, ticket, loaded, use_memories))
     }
 
     /// Removes expired memories, soft-deleted ones past their purge_time, memories unused for
     /// memory_cleanup_days, and old request records. Safe to run on every replica at once.
     pub async fn sweep(&self, now: DateTime<Utc>) -> Result<SweepReport, DbErr> {
         let stale_before = now - self.policy.cleanup_after;
-        Ok(SweepReport {
+        let report = SweepReport {
             expired: self
                 .delete_in_batches(Condition::all().add(Column::ExpiresAt.lte(now)))
                 .await?,
@@ -708,7 +791,17 @@ impl MemoryStore {
                 .exec(&self.db)
                 .await?
                 .rows_affected,
-        })
+        };
+        // Expired and deleted memories are in no cached session; stale ones were live.
+        if report.stale > 0 {
+            changed_everywhere(&self.db, &self.cache).await;
+        }
+        Ok(report)
+    }
+
+    async fn changed(&self, tenant: &str, session: &SessionId) {
+        let key = (tenant.to_owned(), session.as_str().to_owned());
+        sessions_changed(&self.db, &self.cache, &[key]).await;
     }
 
     async fn delete_in_batches(&self, condition: Condition) -> Result<u64, DbErr> {
@@ -819,6 +912,17 @@ impl Tables {
             self.respond(&transaction, group, written).await?;
         }
         transaction.commit().await?;
+        let sessions: BTreeSet<SessionKey> = writing
+            .iter()
+            .map(|&call| {
+                let PendingStore {
+                    tenant, session, ..
+                } = &group[call];
+                (tenant.clone(), session.as_str().to_owned())
+            })
+            .collect();
+        let sessions: Vec<SessionKey> = sessions.into_iter().collect();
+        sessions_changed(&self.db, &self.cache, &sessions).await;
         Ok(failures)
     }
 
@@ -1061,9 +1165,6 @@ impl Tables {
         Ok(())
     }
 }
-
-/// A session of a tenant.
-type SessionKey = (String, String);
 
 /// A live memory and its session, as one query of several sessions returns them.
 struct SessionLive(SessionKey, LiveMemory);
@@ -1357,7 +1458,7 @@ fn fresh_row(
     now: DateTime<Utc>,
 ) -> row::Model {
     row::Model {
-        id: uuid::Uuid::new_v4().to_string(),
+        id: uuid::Uuid::now_v7().to_string(),
         tenant_id: tenant.to_owned(),
         session_id: session.as_str().to_owned(),
         content_type: memory.content_type.as_str().to_owned(),
@@ -1537,6 +1638,96 @@ fn nearest<'a>(
     near.into_iter()
         .map(|(memory, distance)| (memory.id.clone(), distance))
         .collect()
+}
+
+/// After a commit, before answering: drops the sessions from this replica's cache and
+/// announces them to the others (PostgreSQL).
+async fn sessions_changed(db: &DatabaseConnection, cache: &SessionCache, sessions: &[SessionKey]) {
+    for key in sessions {
+        cache.invalidate(key);
+    }
+    let payloads = sessions
+        .iter()
+        .map(|(tenant, session)| format!("{tenant}/{session}"));
+    announce(db, payloads).await;
+}
+
+async fn changed_everywhere(db: &DatabaseConnection, cache: &SessionCache) {
+    cache.invalidate_all();
+    announce(db, [EVERY_SESSION.to_owned()].into_iter()).await;
+}
+
+/// Notifies the other replicas, after the commit: a NOTIFY inside the write transaction
+/// would serialize every commit on PostgreSQL's notification lock. The change is committed
+/// whatever happens here, so a failure is logged, not returned; the other replicas then see
+/// the change within the cache's max age.
+async fn announce(db: &DatabaseConnection, payloads: impl Iterator<Item = String>) {
+    if db.get_database_backend() != DbBackend::Postgres {
+        return;
+    }
+    // Tenants and session ids are letters, digits, `_` and `-`: a comma separates them.
+    let payloads: Vec<String> = payloads.collect();
+    let notify = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_notify($1, payload) FROM unnest(string_to_array($2, ',')) AS payload",
+        [CHANGES_CHANNEL.into(), payloads.join(",").into()],
+    );
+    if let Err(error) = db.execute_raw(notify).await {
+        tracing::warn!(%error, "announcing changed sessions to other replicas failed");
+    }
+}
+
+/// PostgreSQL: drops the sessions other replicas announce. The cache serves only while this
+/// listener is connected; after a lost connection it starts empty. Ends with the cache.
+async fn listen_for_changes(db: DatabaseConnection, cache: Weak<SessionCache>) {
+    use sea_orm::sqlx::postgres::PgListener;
+    const RETRY: StdDuration = StdDuration::from_secs(5);
+    let pool = db.get_postgres_connection_pool().clone();
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(CHANGES_CHANNEL).await?;
+            Ok::<_, sea_orm::sqlx::Error>(listener)
+        }
+        .await;
+        let Some(serving) = cache.upgrade() else {
+            return;
+        };
+        match listening {
+            Ok(mut listener) => {
+                serving.resume();
+                drop(serving);
+                loop {
+                    let received = listener.try_recv().await;
+                    let Some(cache) = cache.upgrade() else {
+                        return;
+                    };
+                    match received {
+                        Ok(Some(notification)) => match notification.payload() {
+                            EVERY_SESSION => cache.invalidate_all(),
+                            session => {
+                                if let Some((tenant, session)) = session.split_once('/') {
+                                    cache.invalidate(&(tenant.to_owned(), session.to_owned()));
+                                }
+                            }
+                        },
+                        // Reconnected: whatever was announced meanwhile is lost.
+                        Ok(None) => cache.resume(),
+                        Err(error) => {
+                            cache.suspend();
+                            tracing::warn!(%error, "lost the change notifications; serving uncached");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                serving.suspend();
+                tracing::warn!(%error, "cannot listen for other replicas' changes; serving uncached");
+            }
+        }
+        tokio::time::sleep(RETRY).await;
+    }
 }
 
 /// Writes the counted accesses every `interval` until the tracker is dropped.

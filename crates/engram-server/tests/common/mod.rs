@@ -132,7 +132,8 @@ pub struct TestServer {
     pub address: SocketAddr,
     pub client: MemoryServiceClient<Channel>,
     pub channel: Channel,
-    pub database: TestDatabase,
+    /// Shared with the replicas started on the same database.
+    pub database: std::sync::Arc<TestDatabase>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -144,7 +145,19 @@ impl TestServer {
 
     /// Starts a server whose settings `adjust` may change (e.g. a small cap).
     pub async fn start_with(backend: Backend, adjust: impl FnOnce(&mut Settings)) -> Self {
-        let database = TestDatabase::create(backend).await;
+        let database = std::sync::Arc::new(TestDatabase::create(backend).await);
+        Self::start_on(database, adjust).await
+    }
+
+    /// Another server on this one's database, as a second replica is.
+    pub async fn replica(&self) -> Self {
+        Self::start_on(self.database.clone(), |_| {}).await
+    }
+
+    async fn start_on(
+        database: std::sync::Arc<TestDatabase>,
+        adjust: impl FnOnce(&mut Settings),
+    ) -> Self {
         let mut settings = Settings {
             database_url: database.url().to_owned(),
             ..Settings::default()

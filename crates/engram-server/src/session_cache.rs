@@ -1,0 +1,348 @@
+//! Whole live memories of recently read sessions, so RetrieveMemories and FindSimilarMemories
+//! answer the next turn of a conversation without a database round trip.
+//!
+//! The database stays the truth. Every write of this process drops the sessions it touched
+//! after its commit and before it answers, so a replica reads its own writes; on PostgreSQL
+//! other replicas' writes arrive as notifications (`crate::store::listen_for_changes`). A load
+//! that overlapped a write or an uncached access of its session is used once and not kept
+//! (generations, striped by session), and no entry is older than `max_age`: that bounds what a
+//! lost notification or another replica's access counts can leave stale.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use engram_domain::entity::memory as row;
+use lru::LruCache;
+
+/// A session of a tenant.
+pub type SessionKey = (String, String);
+
+/// Generations are kept per stripe of sessions, not per session, so they take fixed memory.
+const STRIPES: usize = 4096;
+
+pub struct SessionCache {
+    inner: Mutex<Inner>,
+    budget_bytes: usize,
+    max_age: Duration,
+}
+
+struct Inner {
+    sessions: LruCache<SessionKey, Entry>,
+    bytes: usize,
+    generations: Box<[u64; STRIPES]>,
+    /// False while changes of other replicas may go unseen: nothing is served or kept.
+    serving: bool,
+}
+
+struct Entry {
+    memories: Vec<row::Model>,
+    bytes: usize,
+    loaded_at: Instant,
+}
+
+/// Taken before a load: the load is kept only if its session's stripe has not moved since.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    stripe: usize,
+    generation: u64,
+}
+
+impl SessionCache {
+    /// A cache of at most `budget_bytes` (0: caches nothing). It serves from the start when
+    /// this process sees every write (SQLite), or from `resume` on (PostgreSQL).
+    pub fn new(budget_bytes: usize, max_age: Duration, serving: bool) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                sessions: LruCache::unbounded(),
+                bytes: 0,
+                generations: Box::new([0; STRIPES]),
+                serving: serving && budget_bytes > 0,
+            }),
+            budget_bytes,
+            max_age,
+        }
+    }
+
+    /// Runs `use_memories` on the session's cached live memories (it may update their access
+    /// tracking), or returns the ticket for loading them.
+    pub fn with_cached<R>(
+        &self,
+        key: &SessionKey,
+        use_memories: impl FnOnce(&mut Vec<row::Model>) -> R,
+    ) -> Result<R, Ticket> {
+        let mut inner = self.lock();
+        let stripe = stripe_of(key);
+        let fresh = inner
+            .sessions
+            .get(key)
+            .is_some_and(|entry| entry.loaded_at.elapsed() < self.max_age);
+        if fresh && inner.serving {
+            let entry = inner.sessions.get_mut(key).expect("checked above");
+            return Ok(use_memories(&mut entry.memories));
+        }
+        inner.remove(key);
+        Err(Ticket {
+            stripe,
+            generation: inner.generations[stripe],
+        })
+    }
+
+    /// After a load begun with `ticket`: keeps `loaded` unless its session changed meanwhile,
+    /// then runs `use_memories` on what is cached now, or on `loaded` alone.
+    pub fn fill<R>(
+        &self,
+        key: SessionKey,
+        ticket: Ticket,
+        mut loaded: Vec<row::Model>,
+        use_memories: impl FnOnce(&mut Vec<row::Model>) -> R,
+    ) -> R {
+        let mut inner = self.lock();
+        if inner.serving
+            && let Some(entry) = inner.sessions.get_mut(&key)
+        {
+            return use_memories(&mut entry.memories);
+        }
+        if !inner.serving || inner.generations[ticket.stripe] != ticket.generation {
+            let result = use_memories(&mut loaded);
+            // What `use_memories` recorded is in no entry: a load overlapping it must not be kept.
+            inner.generations[ticket.stripe] += 1;
+            return result;
+        }
+        let bytes = loaded.iter().map(estimated_bytes).sum::<usize>();
+        if bytes > self.budget_bytes {
+            return use_memories(&mut loaded);
+        }
+        inner.bytes += bytes;
+        while inner.bytes > self.budget_bytes {
+            let (_, evicted) = inner.sessions.pop_lru().expect("bytes are of entries");
+            inner.bytes -= evicted.bytes;
+        }
+        let entry = inner.sessions.get_or_insert_mut(key, || Entry {
+            memories: loaded,
+            bytes,
+            loaded_at: Instant::now(),
+        });
+        use_memories(&mut entry.memories)
+    }
+
+    /// The session changed (after the commit, before the writer answers).
+    pub fn invalidate(&self, key: &SessionKey) {
+        let mut inner = self.lock();
+        inner.generations[stripe_of(key)] += 1;
+        inner.remove(key);
+    }
+
+    /// Any session may have changed.
+    pub fn invalidate_all(&self) {
+        self.lock().forget_everything();
+    }
+
+    /// Changes of other replicas are seen again (a notification listener is connected).
+    pub fn resume(&self) {
+        let mut inner = self.lock();
+        inner.forget_everything();
+        inner.serving = self.budget_bytes > 0;
+    }
+
+    /// Changes of other replicas may go unseen: serve nothing from memory until `resume`.
+    pub fn suspend(&self) {
+        let mut inner = self.lock();
+        inner.forget_everything();
+        inner.serving = false;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("session cache")
+    }
+}
+
+impl Inner {
+    fn remove(&mut self, key: &SessionKey) {
+        if let Some(entry) = self.sessions.pop(key) {
+            self.bytes -= entry.bytes;
+        }
+    }
+
+    fn forget_everything(&mut self) {
+        self.sessions.clear();
+        self.bytes = 0;
+        for generation in self.generations.iter_mut() {
+            *generation += 1;
+        }
+    }
+}
+
+fn stripe_of(key: &SessionKey) -> usize {
+    let mut hasher = DefaultHasher::new();
+    key.hash(&mut hasher);
+    // The remainder is below STRIPES, so it fits a usize.
+    (hasher.finish() % STRIPES as u64) as usize
+}
+
+/// Roughly what a memory occupies: the struct, its strings and its metadata (its JSON text
+/// length twice over for the tree's allocations).
+fn estimated_bytes(memory: &row::Model) -> usize {
+    let row::Model {
+        id,
+        tenant_id,
+        session_id,
+        content_type,
+        content,
+        content_hash,
+        semantic_hash,
+        metadata,
+        ..
+    } = memory;
+    std::mem::size_of::<row::Model>()
+        + id.len()
+        + tenant_id.len()
+        + session_id.len()
+        + content_type.len()
+        + content.len()
+        + content_hash.len()
+        + semantic_hash.as_ref().map_or(0, String::len)
+        + 2 * metadata.to_string().len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::Utc;
+
+    fn memory(id: &str, content: &str) -> row::Model {
+        let now = Utc::now();
+        row::Model {
+            id: id.to_owned(),
+            tenant_id: "t".to_owned(),
+            session_id: "s".to_owned(),
+            content_type: "fact".to_owned(),
+            content: content.to_owned(),
+            content_hash: String::new(),
+            semantic_hash: None,
+            metadata: serde_json::json!({}),
+            importance: 0.5,
+            expires_at: None,
+            access_count: 0,
+            last_accessed: None,
+            created_at: now,
+            updated_at: now,
+            deleted_at: None,
+        }
+    }
+
+    fn key(session: &str) -> SessionKey {
+        ("t".to_owned(), session.to_owned())
+    }
+
+    fn ids(memories: &[row::Model]) -> Vec<String> {
+        memories.iter().map(|memory| memory.id.clone()).collect()
+    }
+
+    fn cache() -> SessionCache {
+        SessionCache::new(1 << 20, Duration::from_secs(60), true)
+    }
+
+    #[test]
+    fn a_filled_session_is_served_until_invalidated() {
+        let cache = cache();
+        let ticket = cache
+            .with_cached(&key("s"), |m| ids(m))
+            .expect_err("empty cache");
+        let served = cache.fill(key("s"), ticket, vec![memory("a", "x")], |m| ids(m));
+        assert_eq!(served, ["a"]);
+        assert_eq!(
+            cache.with_cached(&key("s"), |m| ids(m)).ok(),
+            Some(vec!["a".to_owned()])
+        );
+        cache.invalidate(&key("s"));
+        assert!(cache.with_cached(&key("s"), |m| ids(m)).is_err());
+    }
+
+    #[test]
+    fn a_load_overlapping_a_write_is_used_once_not_kept() {
+        let cache = cache();
+        let ticket = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        cache.invalidate(&key("s"));
+        let served = cache.fill(key("s"), ticket, vec![memory("old", "x")], |m| ids(m));
+        assert_eq!(served, ["old"], "the caller still gets its own load");
+        assert!(cache.with_cached(&key("s"), |_| ()).is_err(), "not kept");
+    }
+
+    #[test]
+    fn updates_made_through_the_cache_persist() {
+        let cache = cache();
+        let ticket = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        cache.fill(key("s"), ticket, vec![memory("a", "x")], |m| {
+            m[0].access_count += 1
+        });
+        cache
+            .with_cached(&key("s"), |m| m[0].access_count += 1)
+            .expect("cached");
+        let count = cache
+            .with_cached(&key("s"), |m| m[0].access_count)
+            .expect("cached");
+        assert_eq!(count, 2);
+    }
+
+    #[test]
+    fn a_load_overlapping_an_uncached_access_is_not_kept() {
+        let cache = cache();
+        let early = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        cache.invalidate(&key("s"));
+        let late = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        // The early load is refused; the accesses it records are in no entry...
+        cache.fill(key("s"), early, vec![memory("a", "x")], |m| {
+            m[0].access_count += 1
+        });
+        // ...and the late load may have read the database before they were recorded.
+        cache.fill(key("s"), late, vec![memory("a", "x")], |_| ());
+        assert!(cache.with_cached(&key("s"), |_| ()).is_err(), "not kept");
+    }
+
+    #[test]
+    fn the_budget_evicts_the_least_recently_used_session() {
+        let one = estimated_bytes(&memory("a", "xxxx"));
+        let cache = SessionCache::new(2 * one, Duration::from_secs(60), true);
+        for session in ["s1", "s2", "s3"] {
+            let ticket = cache.with_cached(&key(session), |_| ()).expect_err("new");
+            cache.fill(key(session), ticket, vec![memory("a", "xxxx")], |_| ());
+        }
+        assert!(
+            cache.with_cached(&key("s1"), |_| ()).is_err(),
+            "oldest evicted"
+        );
+        assert!(cache.with_cached(&key("s3"), |_| ()).is_ok());
+    }
+
+    #[test]
+    fn an_old_entry_is_loaded_again() {
+        let cache = SessionCache::new(1 << 20, Duration::ZERO, true);
+        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("empty");
+        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
+        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+    }
+
+    #[test]
+    fn a_suspended_cache_serves_and_keeps_nothing_until_resumed() {
+        let cache = SessionCache::new(1 << 20, Duration::from_secs(60), false);
+        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("suspended");
+        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
+        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+        cache.resume();
+        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("empty");
+        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
+        assert!(cache.with_cached(&key("s"), |_| ()).is_ok());
+        cache.suspend();
+        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+    }
+}

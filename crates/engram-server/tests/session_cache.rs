@@ -1,0 +1,255 @@
+//! RetrieveMemories and FindSimilarMemories answer from a cache of whole sessions. It must
+//! never show what the database no longer holds: a replica's own changes at once, another
+//! replica's (PostgreSQL) once its notification arrives, well within the cache's ten-second
+//! age limit. And one SQLite file is served by one process only.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, TestServer, eventually, memory, store_request};
+use engram_proto::memory::v1 as pb;
+use engram_proto::memory::v1::memory_service_client::MemoryServiceClient;
+use sea_orm::ConnectionTrait;
+use tonic::transport::Channel;
+
+on_both_backends!(retrieve_follows_every_change_of_the_session);
+
+async fn stored(
+    client: &mut MemoryServiceClient<Channel>,
+    content: &str,
+    importance: f64,
+) -> pb::Memory {
+    let memory = pb::Memory {
+        importance: Some(importance),
+        ..memory(content)
+    };
+    client
+        .store_memory(store_request("cached", memory))
+        .await
+        .expect("store")
+        .into_inner()
+        .memory
+        .expect("memory")
+}
+
+async fn retrieved(client: &mut MemoryServiceClient<Channel>) -> Vec<pb::Memory> {
+    client
+        .retrieve_memories(pb::RetrieveMemoriesRequest {
+            parent: "sessions/cached".to_owned(),
+            ..Default::default()
+        })
+        .await
+        .expect("retrieve")
+        .into_inner()
+        .memories
+}
+
+async fn contents(client: &mut MemoryServiceClient<Channel>) -> Vec<String> {
+    retrieved(client)
+        .await
+        .into_iter()
+        .map(|memory| memory.content)
+        .collect()
+}
+
+async fn similar(client: &mut MemoryServiceClient<Channel>, content: &str) -> Vec<String> {
+    client
+        .find_similar_memories(pb::FindSimilarMemoriesRequest {
+            parent: "sessions/cached".to_owned(),
+            content: content.to_owned(),
+            max_distance: Some(0),
+        })
+        .await
+        .expect("find similar")
+        .into_inner()
+        .similar_memories
+        .into_iter()
+        .map(|similar| similar.memory.expect("memory").content)
+        .collect()
+}
+
+async fn reimportance(client: &mut MemoryServiceClient<Channel>, name: &str, importance: f64) {
+    client
+        .update_memory(pb::UpdateMemoryRequest {
+            memory: Some(pb::Memory {
+                name: name.to_owned(),
+                importance: Some(importance),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["importance".to_owned()],
+            }),
+        })
+        .await
+        .expect("update");
+}
+
+async fn delete(client: &mut MemoryServiceClient<Channel>, name: &str) {
+    client
+        .delete_memory(pb::DeleteMemoryRequest {
+            name: name.to_owned(),
+            etag: String::new(),
+        })
+        .await
+        .expect("delete");
+}
+
+async fn retrieve_follows_every_change_of_the_session(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let mut client = server.client.clone();
+    let email = stored(&mut client, "prefers email over phone", 0.4).await;
+    let shipped = stored(&mut client, "order 1234 shipped on monday", 0.9).await;
+    let first = retrieved(&mut client).await;
+    assert_eq!(
+        first
+            .iter()
+            .map(|memory| memory.content.as_str())
+            .collect::<Vec<_>>(),
+        ["order 1234 shipped on monday", "prefers email over phone"]
+    );
+    assert_eq!(first[0].access_count, 1);
+
+    // Access tracking goes on in the cache, and GetMemory (from the database) agrees.
+    let second = retrieved(&mut client).await;
+    assert_eq!(second[0].access_count, 2);
+    let got = client
+        .get_memory(pb::GetMemoryRequest {
+            name: shipped.name.clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(got, second[0], "Retrieve and Get show the same memory");
+
+    reimportance(&mut client, &email.name, 1.0).await;
+    assert_eq!(
+        contents(&mut client).await,
+        ["prefers email over phone", "order 1234 shipped on monday"],
+        "an update reorders at once"
+    );
+
+    delete(&mut client, &shipped.name).await;
+    assert_eq!(contents(&mut client).await, ["prefers email over phone"]);
+    assert!(
+        similar(&mut client, "order 1234 shipped on monday")
+            .await
+            .is_empty()
+    );
+
+    client
+        .undelete_memory(pb::UndeleteMemoryRequest {
+            name: shipped.name.clone(),
+        })
+        .await
+        .expect("undelete");
+    assert_eq!(
+        contents(&mut client).await.len(),
+        2,
+        "undeleted memory is back"
+    );
+    assert_eq!(
+        similar(&mut client, "order 1234 shipped on monday").await,
+        ["order 1234 shipped on monday"]
+    );
+
+    stored(&mut client, "wants a refund for order 1234", 0.7).await;
+    assert_eq!(
+        contents(&mut client).await.len(),
+        3,
+        "a new store shows at once"
+    );
+
+    client
+        .purge_memories(pb::PurgeMemoriesRequest {
+            parent: "sessions/cached".to_owned(),
+            filter: "*".to_owned(),
+            force: true,
+        })
+        .await
+        .expect("purge");
+    assert!(
+        contents(&mut client).await.is_empty(),
+        "a purge empties it at once"
+    );
+    server.stop().await;
+}
+
+/// Two replicas on one PostgreSQL database: a change on one reaches the other's cache
+/// through a notification, long before the cache's age limit would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_drop_what_another_replica_changed() {
+    let writer = TestServer::start(Backend::Postgres).await;
+    let reader = writer.replica().await;
+    let (mut on_writer, on_reader) = (writer.client.clone(), reader.client.clone());
+    let gone = stored(&mut on_writer, "lives at 12 Elm Street", 0.8).await;
+    // The reader's cache serves once its listener is connected. Raising the count behind
+    // the service's back tells when: a cached answer does not show it.
+    let db = sea_orm::Database::connect(writer.database.url())
+        .await
+        .expect("connect");
+    let cached = eventually(Duration::from_secs(10), || {
+        let (mut client, db) = (on_reader.clone(), db.clone());
+        async move {
+            retrieved(&mut client).await;
+            db.execute_unprepared("UPDATE memories SET access_count = access_count + 1000")
+                .await
+                .expect("raise the count");
+            retrieved(&mut client).await[0].access_count < 1000
+        }
+    })
+    .await;
+    assert!(cached, "the reader's cache never served");
+
+    delete(&mut on_writer, &gone.name).await;
+    let dropped = eventually(Duration::from_secs(3), || {
+        let mut client = on_reader.clone();
+        async move { contents(&mut client).await.is_empty() }
+    })
+    .await;
+    assert!(
+        dropped,
+        "the reader still returns a memory deleted on another replica"
+    );
+
+    stored(&mut on_writer, "moved to 3 Oak Avenue", 0.8).await;
+    let seen = eventually(Duration::from_secs(3), || {
+        let mut client = on_reader.clone();
+        async move { contents(&mut client).await == ["moved to 3 Oak Avenue"] }
+    })
+    .await;
+    assert!(seen, "the reader misses a memory stored on another replica");
+    reader.stop().await;
+    writer.stop().await;
+}
+
+/// The cache trusts that it sees every write to its SQLite file, so a second server on the
+/// same file is refused with a clear message, and the file is free again once the first stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_file_is_served_by_one_process() {
+    let first = TestServer::start(Backend::Sqlite).await;
+    let url = first.database.url().to_owned();
+    let settings = engram_server::settings::Settings {
+        database_url: url.clone(),
+        ..Default::default()
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let refused = engram_server::server::serve(settings.clone(), listener, async {})
+        .await
+        .expect_err("a second server on the same file");
+    assert!(
+        refused
+            .to_string()
+            .contains("another Engram process is serving this SQLite database"),
+        "unclear refusal: {refused}"
+    );
+    first.stop().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    engram_server::server::serve(settings, listener, async {})
+        .await
+        .expect("the file is free once the first server stopped");
+}
