@@ -21,8 +21,58 @@ pub fn memory_etag(memory: &memory::Model) -> String {
     ] {
         digest.update(micros(at).to_be_bytes());
     }
-    digest.finalize()[..8]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    let head: [u8; 8] = digest.finalize()[..8].try_into().expect("8 of 32 bytes");
+    format!("{:016x}", u64::from_be_bytes(head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn memory() -> memory::Model {
+        let at = Utc.with_ymd_and_hms(2026, 11, 24, 12, 0, 0).unwrap();
+        memory::Model {
+            id: "0193a1b2-0000-7000-8000-000000000000".to_owned(),
+            tenant_id: "default".to_owned(),
+            session_id: "s".to_owned(),
+            content_type: "fact".to_owned(),
+            content: "likes green tea".to_owned(),
+            content_hash: "ab".repeat(32),
+            semantic_hash: None,
+            metadata: serde_json::json!({"source": "chat"}),
+            importance: 0.5,
+            expires_at: None,
+            access_count: 0,
+            last_accessed: None,
+            created_at: at,
+            updated_at: at,
+            deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn an_etag_is_16_hex_digits_that_follow_changes_but_not_accesses() {
+        let original = memory_etag(&memory());
+        assert_eq!(original.len(), 16);
+        assert!(
+            original
+                .bytes()
+                .all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase())
+        );
+        let accessed = memory::Model {
+            access_count: 7,
+            ..memory()
+        };
+        assert_eq!(
+            memory_etag(&accessed),
+            original,
+            "accesses do not change it"
+        );
+        let changed = memory::Model {
+            importance: 0.6,
+            ..memory()
+        };
+        assert_ne!(memory_etag(&changed), original);
+    }
 }
