@@ -21,7 +21,7 @@ use engram_domain::paging::PageCursor;
 use engram_domain::ranking::{Ranked, choose_evictions, effective_importance, rank_descending};
 use engram_domain::{etag, limits, text};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
-use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
@@ -63,6 +63,10 @@ const INSERT_CHUNK: usize = 256;
 /// Oldest a cached session may be: what a lost change notification or another replica's
 /// access counts can leave stale at worst.
 const SESSION_CACHE_MAX_AGE: StdDuration = StdDuration::from_secs(10);
+/// SQLite page cache of the writer's connection, in KiB.
+const WRITER_CACHE_KIB: u32 = 32 * 1024;
+/// How often SQLite's write-ahead log is checkpointed into the database file.
+const CHECKPOINT_INTERVAL: StdDuration = StdDuration::from_secs(1);
 /// PostgreSQL channel on which replicas announce the sessions they changed.
 const CHANGES_CHANNEL: &str = "engram_sessions";
 /// The payload announcing that any session may have changed.
@@ -71,6 +75,8 @@ const EVERY_SESSION: &str = "*";
 #[derive(Clone)]
 pub struct MemoryStore {
     db: DatabaseConnection,
+    /// The writer's own connection on SQLite (`connect_writer`), the pool on PostgreSQL.
+    writer: DatabaseConnection,
     policy: Policy,
     accesses: Arc<AccessTracker>,
     cache: Arc<SessionCache>,
@@ -224,6 +230,34 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
             DbErr::Custom(format!("cannot create {}: {error}", directory.display()))
         })?;
     }
+    Database::connect(connect_options(url, max_connections, |sqlite| sqlite)).await
+}
+
+/// The connection of the group-commit writer and the access flusher. On SQLite it is one
+/// connection of its own, with a large page cache that stays warm: no other connection's
+/// commit invalidates it, as happens to pooled connections taking turns. PostgreSQL writes
+/// through the pool.
+pub async fn connect_writer(
+    url: &str,
+    pool: &DatabaseConnection,
+) -> Result<DatabaseConnection, DbErr> {
+    if pool.get_database_backend() != DbBackend::Sqlite {
+        return Ok(pool.clone());
+    }
+    let options = connect_options(url, 1, |sqlite| {
+        sqlite
+            .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
+            // Its commits only append: `checkpoint_every` checkpoints beside it.
+            .pragma("wal_autocheckpoint", "0")
+    });
+    Database::connect(options).await
+}
+
+fn connect_options(
+    url: &str,
+    max_connections: u32,
+    sqlite_extra: impl Fn(SqliteConnectOptions) -> SqliteConnectOptions + Send + Sync + 'static,
+) -> ConnectOptions {
     let mut options = ConnectOptions::new(url);
     options
         .max_connections(max_connections)
@@ -235,15 +269,18 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnecti
         .sqlx_logging(false)
         // Database spans name the operation; statements stay out of traces.
         .record_stmt_in_spans(false)
-        .map_sqlx_sqlite_opts(|sqlite| {
-            sqlite
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(StdDuration::from_secs(30))
-                // Deleted rows are overwritten with zeros, so erased text leaves no trace in free pages.
-                .pragma("secure_delete", "on")
+        .map_sqlx_sqlite_opts(move |sqlite| {
+            sqlite_extra(
+                sqlite
+                    .journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Normal)
+                    .busy_timeout(StdDuration::from_secs(30))
+                    // Deleted rows are overwritten with zeros, so erased text leaves no trace in
+                    // free pages.
+                    .pragma("secure_delete", "on"),
+            )
         });
-    Database::connect(options).await
+    options
 }
 
 /// The directory of a file-backed SQLite URL, created before connecting.
@@ -314,13 +351,25 @@ impl MemoryStore {
     /// The store, its group-commit writer, its access flusher and, on PostgreSQL, the
     /// listener for other replicas' changes (all run on the caller's tokio runtime and stop
     /// with the last clone of the store). `cache_bytes` bounds the session cache (0: none).
-    pub fn new(db: DatabaseConnection, policy: Policy, cache_bytes: usize) -> Self {
+    pub fn new(
+        db: DatabaseConnection,
+        writer: DatabaseConnection,
+        policy: Policy,
+        cache_bytes: usize,
+    ) -> Self {
         let accesses = Arc::new(AccessTracker::default());
         tokio::spawn(flush_accesses_every(
-            db.clone(),
+            writer.clone(),
             Arc::downgrade(&accesses),
             ACCESS_FLUSH_INTERVAL,
         ));
+        if db.get_database_backend() == DbBackend::Sqlite {
+            tokio::spawn(checkpoint_every(
+                db.clone(),
+                Arc::downgrade(&accesses),
+                CHECKPOINT_INTERVAL,
+            ));
+        }
         let postgres = db.get_database_backend() == DbBackend::Postgres;
         // SQLite is this process's own file: it sees every write. PostgreSQL is shared with
         // other replicas, so the cache serves only while their changes can be heard.
@@ -333,13 +382,14 @@ impl MemoryStore {
             tokio::spawn(listen_for_changes(db.clone(), Arc::downgrade(&cache)));
         }
         let stores = StoreQueue::start(Tables {
-            db: db.clone(),
+            db: writer.clone(),
             policy,
             accesses: accesses.clone(),
             cache: cache.clone(),
         });
         Self {
             db,
+            writer,
             policy,
             accesses,
             cache,
@@ -353,7 +403,7 @@ impl MemoryStore {
 
     /// Writes the accesses counted so far (at shutdown; otherwise every second).
     pub async fn flush_accesses(&self) -> Result<(), DbErr> {
-        flush_accesses(&self.db, &self.accesses).await
+        flush_accesses(&self.writer, &self.accesses).await
     }
 
     /// Stores memories of one session atomically, committed together with the other stores
@@ -1727,6 +1777,25 @@ async fn listen_for_changes(db: DatabaseConnection, cache: Weak<SessionCache>) {
             }
         }
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// SQLite: checkpoints the write-ahead log every `interval` (PASSIVE: never waits for the
+/// writer), so commits only append to it. Ends when `store` is gone.
+async fn checkpoint_every<T>(db: DatabaseConnection, store: Weak<T>, interval: StdDuration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        if store.strong_count() == 0 {
+            return;
+        }
+        if let Err(error) = db
+            .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+            .await
+        {
+            tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
+        }
     }
 }
 
