@@ -8,6 +8,7 @@
 //! (generations, striped by session), and no entry is older than `max_age`: that bounds what a
 //! lost notification or another replica's access counts can leave stale.
 
+use std::collections::HashSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::Mutex;
@@ -132,6 +133,41 @@ impl SessionCache {
         let mut inner = self.lock();
         inner.generations[stripe_of(key)] += 1;
         inner.remove(key);
+    }
+
+    /// The session's only writer changed it (after the commit, before answering): a cached
+    /// copy takes the `written` rows and loses the `removed` ids; a load in flight is refused.
+    pub fn apply(
+        &self,
+        key: &SessionKey,
+        written: impl IntoIterator<Item = row::Model>,
+        removed: &HashSet<String>,
+    ) {
+        let mut inner = self.lock();
+        inner.generations[stripe_of(key)] += 1;
+        let Some(entry) = inner.sessions.get_mut(key) else {
+            return;
+        };
+        entry
+            .memories
+            .retain(|memory| !removed.contains(&memory.id));
+        for memory in written {
+            match entry
+                .memories
+                .iter_mut()
+                .find(|cached| cached.id == memory.id)
+            {
+                Some(cached) => *cached = memory,
+                None => entry.memories.push(memory),
+            }
+        }
+        let bytes: usize = entry.memories.iter().map(estimated_bytes).sum();
+        let before = std::mem::replace(&mut entry.bytes, bytes);
+        inner.bytes = inner.bytes - before + bytes;
+        while inner.bytes > self.budget_bytes {
+            let (_, evicted) = inner.sessions.pop_lru().expect("bytes are of entries");
+            inner.bytes -= evicted.bytes;
+        }
     }
 
     /// Any session may have changed.
@@ -307,6 +343,47 @@ mod tests {
         // ...and the late load may have read the database before they were recorded.
         cache.fill(key("s"), late, vec![memory("a", "x")], |_| ());
         assert!(cache.with_cached(&key("s"), |_| ()).is_err(), "not kept");
+    }
+
+    #[test]
+    fn the_writer_changes_a_cached_session_in_place() {
+        let cache = cache();
+        let ticket = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        let (kept, evicted) = (memory("kept", "x"), memory("evicted", "y"));
+        cache.fill(key("s"), ticket, vec![kept.clone(), evicted], |_| ());
+        let in_flight = cache
+            .with_cached(&key("other"), |_| ())
+            .expect_err("not cached");
+        let merged = row::Model {
+            access_count: 3,
+            ..kept
+        };
+        let removed = HashSet::from(["evicted".to_owned()]);
+        cache.apply(&key("s"), [merged, memory("new", "z")], &removed);
+        let cached = cache
+            .with_cached(&key("s"), |m| (ids(m), m[0].access_count))
+            .expect("still cached");
+        assert_eq!(cached, (vec!["kept".to_owned(), "new".to_owned()], 3));
+        // A load of a session the writer did not touch is kept unless it shares the stripe.
+        let other_kept = stripe_of(&key("other")) != stripe_of(&key("s"));
+        cache.fill(key("other"), in_flight, vec![], |_| ());
+        assert_eq!(cache.with_cached(&key("other"), |_| ()).is_ok(), other_kept);
+    }
+
+    #[test]
+    fn a_write_refuses_a_load_in_flight_for_its_session() {
+        let cache = cache();
+        let ticket = cache
+            .with_cached(&key("s"), |_| ())
+            .expect_err("empty cache");
+        cache.apply(&key("s"), [memory("new", "z")], &HashSet::new());
+        cache.fill(key("s"), ticket, vec![memory("old", "x")], |_| ());
+        assert!(
+            cache.with_cached(&key("s"), |_| ()).is_err(),
+            "the older load is not kept"
+        );
     }
 
     #[test]

@@ -915,6 +915,13 @@ impl AuditEvent {
     }
 }
 
+/// What a group left in its sessions: the rows it wrote, as committed, and the ids it evicted.
+#[derive(Default)]
+struct SessionChanges {
+    rows: Vec<row::Model>,
+    evicted: HashSet<String>,
+}
+
 /// One call of a group as the writer sees it once its rows are written.
 struct WrittenCall {
     /// Index of the call in the group.
@@ -957,8 +964,10 @@ impl Tables {
         let writing: Vec<usize> = (0..group.len())
             .filter(|call| !replayed.contains(call) && failures[*call].is_none())
             .collect();
+        let mut changes = SessionChanges::default();
         if !writing.is_empty() {
-            let written = self.write_calls(&transaction, group, &writing).await?;
+            let written;
+            (written, changes) = self.write_calls(&transaction, group, &writing).await?;
             self.respond(&transaction, group, written).await?;
         }
         transaction.commit().await?;
@@ -971,8 +980,20 @@ impl Tables {
                 (tenant.clone(), session.as_str().to_owned())
             })
             .collect();
-        let sessions: Vec<SessionKey> = sessions.into_iter().collect();
-        sessions_changed(&self.db, &self.cache, &sessions).await;
+        if self.concurrent_groups() == 1 {
+            // One writer, whose groups commit one after the other: what a group wrote is the
+            // next state of its sessions, so a cached session takes it instead of a reload.
+            for key in &sessions {
+                let rows = changes.rows.iter().filter(|memory| {
+                    (&memory.tenant_id, &memory.session_id) == (&key.0, &key.1)
+                        && !changes.evicted.contains(&memory.id)
+                });
+                self.cache.apply(key, rows.cloned(), &changes.evicted);
+            }
+        } else {
+            let sessions: Vec<SessionKey> = sessions.into_iter().collect();
+            sessions_changed(&self.db, &self.cache, &sessions).await;
+        }
         Ok(failures)
     }
 
@@ -981,7 +1002,7 @@ impl Tables {
         transaction: &DatabaseTransaction,
         group: &[PendingStore],
         writing: &[usize],
-    ) -> Result<Vec<WrittenCall>, MemoryError> {
+    ) -> Result<(Vec<WrittenCall>, SessionChanges), MemoryError> {
         let mut sessions: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
         for &call in writing {
             let PendingStore {
@@ -1164,11 +1185,15 @@ impl Tables {
         }
         if !evicted_ids.is_empty() {
             Memories::delete_many()
-                .filter(Column::Id.is_in(evicted_ids))
+                .filter(Column::Id.is_in(evicted_ids.iter()))
                 .exec(transaction)
                 .await?;
         }
-        Ok(written)
+        let changes = SessionChanges {
+            rows: touched.into_values().collect(),
+            evicted: evicted_ids,
+        };
+        Ok((written, changes))
     }
 
     /// Builds each written call's response and keeps those sent with a request_id.

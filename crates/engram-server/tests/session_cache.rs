@@ -13,13 +13,16 @@ use engram_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use sea_orm::ConnectionTrait;
 use tonic::transport::Channel;
 
-on_both_backends!(retrieve_follows_every_change_of_the_session);
+on_both_backends!(
+    retrieve_follows_every_change_of_the_session,
+    retrieve_follows_merges_and_evictions,
+);
 
-async fn stored(
+async fn store(
     client: &mut MemoryServiceClient<Channel>,
     content: &str,
     importance: f64,
-) -> pb::Memory {
+) -> pb::StoreMemoryResponse {
     let memory = pb::Memory {
         importance: Some(importance),
         ..memory(content)
@@ -29,6 +32,15 @@ async fn stored(
         .await
         .expect("store")
         .into_inner()
+}
+
+async fn stored(
+    client: &mut MemoryServiceClient<Channel>,
+    content: &str,
+    importance: f64,
+) -> pb::Memory {
+    store(client, content, importance)
+        .await
         .memory
         .expect("memory")
 }
@@ -37,6 +49,8 @@ async fn retrieved(client: &mut MemoryServiceClient<Channel>) -> Vec<pb::Memory>
     client
         .retrieve_memories(pb::RetrieveMemoriesRequest {
             parent: "sessions/cached".to_owned(),
+            // More than the cap: every live memory the session has.
+            page_size: 20,
             ..Default::default()
         })
         .await
@@ -171,6 +185,69 @@ async fn retrieve_follows_every_change_of_the_session(backend: Backend) {
     assert!(
         contents(&mut client).await.is_empty(),
         "a purge empties it at once"
+    );
+    server.stop().await;
+}
+
+/// Stores that merge into a cached memory or evict one from a full session show at once.
+async fn retrieve_follows_merges_and_evictions(backend: Backend) {
+    let server = TestServer::start_with(backend, |settings| settings.memory_max_entries = 10).await;
+    let mut client = server.client.clone();
+    for n in 0..10 {
+        stored(
+            &mut client,
+            &format!("fact number {n} about the account"),
+            0.5,
+        )
+        .await;
+    }
+    assert_eq!(retrieved(&mut client).await.len(), 10, "cached at the cap");
+
+    let merged = stored(&mut client, "FACT number 3 about the account!", 0.95).await;
+    let top = retrieved(&mut client).await;
+    assert_eq!(top.len(), 10, "a merge adds no memory");
+    assert_eq!(top[0].name, merged.name, "the merge raised it to the top");
+    assert_eq!(top[0].importance, Some(0.95));
+
+    let newest = store(&mut client, "asked for a callback tomorrow", 0.9).await;
+    let [evicted] = newest.evicted_memories.as_slice() else {
+        panic!("one memory evicted, got {:?}", newest.evicted_memories);
+    };
+    let top = retrieved(&mut client).await;
+    assert_eq!(top.len(), 10);
+    assert_eq!(
+        top[1].name,
+        newest.memory.expect("memory").name,
+        "shows at once"
+    );
+    assert!(
+        top.iter().all(|memory| &memory.name != evicted),
+        "the evicted memory is gone at once"
+    );
+    server.stop().await;
+}
+
+/// SQLite has one writer, so a store changes a cached session in place: the next Retrieve
+/// needs no query. A count raised behind the service's back stays unseen until then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_keeps_its_sqlite_session_cached() {
+    let server = TestServer::start(Backend::Sqlite).await;
+    let mut client = server.client.clone();
+    stored(&mut client, "prefers email over phone", 0.6).await;
+    assert_eq!(retrieved(&mut client).await[0].access_count, 1);
+    let db = sea_orm::Database::connect(server.database.url())
+        .await
+        .expect("connect");
+    db.execute_unprepared("UPDATE memories SET access_count = access_count + 1000")
+        .await
+        .expect("raise the count");
+    stored(&mut client, "order 1234 shipped on monday", 0.9).await;
+    let after = retrieved(&mut client).await;
+    assert_eq!(after.len(), 2, "the new memory is in the cached session");
+    assert_eq!(after[1].content, "prefers email over phone");
+    assert_eq!(
+        after[1].access_count, 2,
+        "served from the cache, not reloaded"
     );
     server.stop().await;
 }
