@@ -280,6 +280,23 @@ mod tests {
         SessionCache::new(1 << 20, Duration::from_secs(60), true)
     }
 
+    /// The ticket of a session that is not cached (panics if it is).
+    fn miss(cache: &SessionCache, session: &str) -> Ticket {
+        cache
+            .with_cached(&key(session), |_| ())
+            .expect_err("not cached")
+    }
+
+    fn is_cached(cache: &SessionCache, session: &str) -> bool {
+        cache.with_cached(&key(session), |_| ()).is_ok()
+    }
+
+    /// Loads `memories` for a session that is not cached, as a miss does.
+    fn load(cache: &SessionCache, session: &str, memories: Vec<row::Model>) {
+        let ticket = miss(cache, session);
+        cache.fill(key(session), ticket, memories, |_| ());
+    }
+
     #[test]
     fn a_filled_session_is_served_until_invalidated() {
         let cache = cache();
@@ -293,27 +310,23 @@ mod tests {
             Some(vec!["a".to_owned()])
         );
         cache.invalidate(&key("s"));
-        assert!(cache.with_cached(&key("s"), |m| ids(m)).is_err());
+        assert!(!is_cached(&cache, "s"));
     }
 
     #[test]
     fn a_load_overlapping_a_write_is_used_once_not_kept() {
         let cache = cache();
-        let ticket = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let ticket = miss(&cache, "s");
         cache.invalidate(&key("s"));
         let served = cache.fill(key("s"), ticket, vec![memory("old", "x")], |m| ids(m));
         assert_eq!(served, ["old"], "the caller still gets its own load");
-        assert!(cache.with_cached(&key("s"), |_| ()).is_err(), "not kept");
+        assert!(!is_cached(&cache, "s"), "not kept");
     }
 
     #[test]
     fn updates_made_through_the_cache_persist() {
         let cache = cache();
-        let ticket = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let ticket = miss(&cache, "s");
         cache.fill(key("s"), ticket, vec![memory("a", "x")], |m| {
             m[0].access_count += 1
         });
@@ -329,33 +342,25 @@ mod tests {
     #[test]
     fn a_load_overlapping_an_uncached_access_is_not_kept() {
         let cache = cache();
-        let early = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let early = miss(&cache, "s");
         cache.invalidate(&key("s"));
-        let late = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let late = miss(&cache, "s");
         // The early load is refused; the accesses it records are in no entry...
         cache.fill(key("s"), early, vec![memory("a", "x")], |m| {
             m[0].access_count += 1
         });
         // ...and the late load may have read the database before they were recorded.
         cache.fill(key("s"), late, vec![memory("a", "x")], |_| ());
-        assert!(cache.with_cached(&key("s"), |_| ()).is_err(), "not kept");
+        assert!(!is_cached(&cache, "s"), "not kept");
     }
 
     #[test]
     fn the_writer_changes_a_cached_session_in_place() {
         let cache = cache();
-        let ticket = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let ticket = miss(&cache, "s");
         let (kept, evicted) = (memory("kept", "x"), memory("evicted", "y"));
         cache.fill(key("s"), ticket, vec![kept.clone(), evicted], |_| ());
-        let in_flight = cache
-            .with_cached(&key("other"), |_| ())
-            .expect_err("not cached");
+        let in_flight = miss(&cache, "other");
         let merged = row::Model {
             access_count: 3,
             ..kept
@@ -369,21 +374,16 @@ mod tests {
         // A load of a session the writer did not touch is kept unless it shares the stripe.
         let other_kept = stripe_of(&key("other")) != stripe_of(&key("s"));
         cache.fill(key("other"), in_flight, vec![], |_| ());
-        assert_eq!(cache.with_cached(&key("other"), |_| ()).is_ok(), other_kept);
+        assert_eq!(is_cached(&cache, "other"), other_kept);
     }
 
     #[test]
     fn a_write_refuses_a_load_in_flight_for_its_session() {
         let cache = cache();
-        let ticket = cache
-            .with_cached(&key("s"), |_| ())
-            .expect_err("empty cache");
+        let ticket = miss(&cache, "s");
         cache.apply(&key("s"), [memory("new", "z")], &HashSet::new());
         cache.fill(key("s"), ticket, vec![memory("old", "x")], |_| ());
-        assert!(
-            cache.with_cached(&key("s"), |_| ()).is_err(),
-            "the older load is not kept"
-        );
+        assert!(!is_cached(&cache, "s"), "the older load is not kept");
     }
 
     #[test]
@@ -391,35 +391,28 @@ mod tests {
         let one = estimated_bytes(&memory("a", "xxxx"));
         let cache = SessionCache::new(2 * one, Duration::from_secs(60), true);
         for session in ["s1", "s2", "s3"] {
-            let ticket = cache.with_cached(&key(session), |_| ()).expect_err("new");
-            cache.fill(key(session), ticket, vec![memory("a", "xxxx")], |_| ());
+            load(&cache, session, vec![memory("a", "xxxx")]);
         }
-        assert!(
-            cache.with_cached(&key("s1"), |_| ()).is_err(),
-            "oldest evicted"
-        );
-        assert!(cache.with_cached(&key("s3"), |_| ()).is_ok());
+        assert!(!is_cached(&cache, "s1"), "oldest evicted");
+        assert!(is_cached(&cache, "s3"));
     }
 
     #[test]
     fn an_old_entry_is_loaded_again() {
         let cache = SessionCache::new(1 << 20, Duration::ZERO, true);
-        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("empty");
-        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
-        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+        load(&cache, "s", vec![memory("a", "x")]);
+        assert!(!is_cached(&cache, "s"));
     }
 
     #[test]
     fn a_suspended_cache_serves_and_keeps_nothing_until_resumed() {
         let cache = SessionCache::new(1 << 20, Duration::from_secs(60), false);
-        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("suspended");
-        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
-        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+        load(&cache, "s", vec![memory("a", "x")]);
+        assert!(!is_cached(&cache, "s"));
         cache.resume();
-        let ticket = cache.with_cached(&key("s"), |_| ()).expect_err("empty");
-        cache.fill(key("s"), ticket, vec![memory("a", "x")], |_| ());
-        assert!(cache.with_cached(&key("s"), |_| ()).is_ok());
+        load(&cache, "s", vec![memory("a", "x")]);
+        assert!(is_cached(&cache, "s"));
         cache.suspend();
-        assert!(cache.with_cached(&key("s"), |_| ()).is_err());
+        assert!(!is_cached(&cache, "s"));
     }
 }
