@@ -75,12 +75,11 @@ impl SessionCache {
     ) -> Result<R, Ticket> {
         let mut inner = self.lock();
         let stripe = stripe_of(key);
-        let fresh = inner
-            .sessions
-            .get(key)
-            .is_some_and(|entry| entry.loaded_at.elapsed() < self.max_age);
-        if fresh && inner.serving {
-            let entry = inner.sessions.get_mut(key).expect("checked above");
+        let serving = inner.serving;
+        if let Some(entry) = inner.sessions.get_mut(key)
+            && serving
+            && entry.loaded_at.elapsed() < self.max_age
+        {
             return Ok(use_memories(&mut entry.memories));
         }
         inner.remove(key);
@@ -105,21 +104,20 @@ impl SessionCache {
         {
             return use_memories(&mut entry.memories);
         }
-        if !inner.serving || inner.generations[ticket.stripe] != ticket.generation {
+        let unchanged = inner.serving && inner.generations[ticket.stripe] == ticket.generation;
+        let bytes = if unchanged {
+            loaded.iter().map(estimated_bytes).sum()
+        } else {
+            0
+        };
+        if !unchanged || bytes > self.budget_bytes {
             let result = use_memories(&mut loaded);
             // What `use_memories` recorded is in no entry: a load overlapping it must not be kept.
             inner.generations[ticket.stripe] += 1;
             return result;
         }
-        let bytes = loaded.iter().map(estimated_bytes).sum::<usize>();
-        if bytes > self.budget_bytes {
-            return use_memories(&mut loaded);
-        }
         inner.bytes += bytes;
-        while inner.bytes > self.budget_bytes {
-            let (_, evicted) = inner.sessions.pop_lru().expect("bytes are of entries");
-            inner.bytes -= evicted.bytes;
-        }
+        inner.evict_beyond(self.budget_bytes);
         let entry = inner.sessions.get_or_insert_mut(key, || Entry {
             memories: loaded,
             bytes,
@@ -164,10 +162,7 @@ impl SessionCache {
         let bytes: usize = entry.memories.iter().map(estimated_bytes).sum();
         let before = std::mem::replace(&mut entry.bytes, bytes);
         inner.bytes = inner.bytes - before + bytes;
-        while inner.bytes > self.budget_bytes {
-            let (_, evicted) = inner.sessions.pop_lru().expect("bytes are of entries");
-            inner.bytes -= evicted.bytes;
-        }
+        inner.evict_beyond(self.budget_bytes);
     }
 
     /// Any session may have changed.
@@ -195,6 +190,14 @@ impl SessionCache {
 }
 
 impl Inner {
+    /// Drops the least recently used sessions until the cache holds at most `budget` bytes.
+    fn evict_beyond(&mut self, budget: usize) {
+        while self.bytes > budget {
+            let (_, evicted) = self.sessions.pop_lru().expect("bytes are of entries");
+            self.bytes -= evicted.bytes;
+        }
+    }
+
     fn remove(&mut self, key: &SessionKey) {
         if let Some(entry) = self.sessions.pop(key) {
             self.bytes -= entry.bytes;
@@ -395,6 +398,19 @@ mod tests {
         }
         assert!(!is_cached(&cache, "s1"), "oldest evicted");
         assert!(is_cached(&cache, "s3"));
+    }
+
+    #[test]
+    fn a_session_larger_than_the_budget_is_used_once_and_refuses_overlapping_loads() {
+        let one = estimated_bytes(&memory("a", "xxxx"));
+        let cache = SessionCache::new(one, Duration::from_secs(60), true);
+        let overlapping = miss(&cache, "s");
+        let too_big = vec![memory("a", "xxxx"), memory("b", "yyyy")];
+        load(&cache, "s", too_big);
+        assert!(!is_cached(&cache, "s"), "larger than the budget");
+        // Its accesses went to no entry: a load that overlapped them is not kept either.
+        cache.fill(key("s"), overlapping, vec![memory("a", "xxxx")], |_| ());
+        assert!(!is_cached(&cache, "s"));
     }
 
     #[test]
