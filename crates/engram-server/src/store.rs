@@ -771,17 +771,10 @@ impl MemoryStore {
         now: DateTime<Utc>,
     ) -> Result<Vec<(row::Model, u32)>, MemoryError> {
         let near = |memories: &mut Vec<row::Model>| {
-            let live: Vec<LiveMemory> = memories
-                .iter()
-                .filter(|memory| is_live_at(memory, now))
-                .map(LiveMemory::from_model)
-                .collect();
-            nearest(semantic_hash, live.iter(), max_distance)
+            let live = memories.iter().filter(|memory| is_live_at(memory, now));
+            nearest(semantic_hash, live, max_distance)
                 .into_iter()
-                .filter_map(|(id, distance)| {
-                    let memory = memories.iter().find(|memory| memory.id == id)?;
-                    Some((memory.clone(), distance))
-                })
+                .map(|(memory, distance)| (memory.clone(), distance))
                 .collect()
         };
         Ok(self.with_session(tenant, session, now, near).await?)
@@ -1125,9 +1118,9 @@ impl Tables {
                         self.policy.similarity_max_distance,
                     )
                     .into_iter()
-                    .map(|(id, distance)| {
-                        let snapshot = touched.get(&id).cloned();
-                        (id, distance, snapshot)
+                    .map(|(near, distance)| {
+                        let snapshot = touched.get(&near.id).cloned();
+                        (near.id.clone(), distance, snapshot)
                     })
                     .collect()
                 })
@@ -1697,22 +1690,48 @@ fn evict_over_cap(live: &mut Vec<LiveMemory>, cap: usize, now: DateTime<Utc>) ->
     evicted
 }
 
-/// Ids of the memories within `max_distance` of `hash`, nearest first (then oldest first).
-fn nearest<'a>(
+/// What the near-duplicate search reads of a memory, whole or as the writer loads it.
+trait Hashed {
+    fn semantic_hash(&self) -> Option<u64>;
+    fn created_at(&self) -> DateTime<Utc>;
+}
+
+impl Hashed for LiveMemory {
+    fn semantic_hash(&self) -> Option<u64> {
+        self.semantic_hash
+    }
+
+    fn created_at(&self) -> DateTime<Utc> {
+        self.created_at
+    }
+}
+
+impl Hashed for row::Model {
+    fn semantic_hash(&self) -> Option<u64> {
+        self.semantic_hash
+            .as_deref()
+            .and_then(text::parse_semantic_hash)
+    }
+
+    fn created_at(&self) -> DateTime<Utc> {
+        self.created_at
+    }
+}
+
+/// The memories within `max_distance` of `hash`, nearest first (then oldest first).
+fn nearest<'a, T: Hashed>(
     hash: u64,
-    candidates: impl Iterator<Item = &'a LiveMemory>,
+    candidates: impl Iterator<Item = &'a T>,
     max_distance: u32,
-) -> Vec<(String, u32)> {
-    let mut near: Vec<(&LiveMemory, u32)> = candidates
+) -> Vec<(&'a T, u32)> {
+    let mut near: Vec<(&T, u32)> = candidates
         .filter_map(|memory| {
-            let distance = text::hamming_distance(hash, memory.semantic_hash?);
+            let distance = text::hamming_distance(hash, memory.semantic_hash()?);
             (distance <= max_distance).then_some((memory, distance))
         })
         .collect();
-    near.sort_by(|(a, da), (b, db)| da.cmp(db).then(a.created_at.cmp(&b.created_at)));
-    near.into_iter()
-        .map(|(memory, distance)| (memory.id.clone(), distance))
-        .collect()
+    near.sort_by(|(a, da), (b, db)| da.cmp(db).then(a.created_at().cmp(&b.created_at())));
+    near
 }
 
 /// After a commit, before answering: drops the sessions from this replica's cache and
