@@ -1,5 +1,7 @@
 //! Effective importance: the reference design's 30-day half-life decay plus an access boost.
 
+use std::cmp::Ordering;
+
 use chrono::{DateTime, Utc};
 
 const HALF_LIFE_DAYS: f64 = 30.0;
@@ -37,13 +39,29 @@ pub struct Ranked<'a> {
 }
 
 /// Most important first; ties go to the newer memory, then to the id, so order is stable.
+pub fn by_rank(a: &Ranked<'_>, b: &Ranked<'_>) -> Ordering {
+    b.effective_importance
+        .total_cmp(&a.effective_importance)
+        .then(b.created_at.cmp(&a.created_at))
+        .then(a.id.cmp(b.id))
+}
+
 pub fn rank_descending(memories: &mut [Ranked<'_>]) {
-    memories.sort_by(|a, b| {
-        b.effective_importance
-            .total_cmp(&a.effective_importance)
-            .then(b.created_at.cmp(&a.created_at))
-            .then(a.id.cmp(b.id))
-    });
+    memories.sort_by(by_rank);
+}
+
+/// Keeps the first `limit` items in `order`, sorted: a selection, then a sort of those
+/// only, which is what a top-ten read of a full session needs.
+pub fn keep_first<T>(items: &mut Vec<T>, limit: usize, order: impl Fn(&T, &T) -> Ordering) {
+    if limit == 0 {
+        items.clear();
+        return;
+    }
+    if items.len() > limit {
+        items.select_nth_unstable_by(limit - 1, &order);
+        items.truncate(limit);
+    }
+    items.sort_by(order);
 }
 
 /// The ids to evict so that at most `cap` memories remain: the least important, oldest first.
@@ -94,6 +112,28 @@ mod tests {
         assert!((effective_importance(0.3, at(0, 0), 3, at(0, 0)) - base - 0.06).abs() < 1e-12);
         assert!((effective_importance(0.3, at(0, 0), 50, at(0, 0)) - base - 0.2).abs() < 1e-12);
         assert_eq!(effective_importance(0.95, at(0, 0), 50, at(0, 0)), 1.0);
+    }
+
+    #[test]
+    fn keep_first_matches_a_full_sort_cut_short() {
+        // Many equal importances and creation times, so the tie-breakers decide.
+        let ids: Vec<String> = (0..60).map(|n| format!("m{:02}", (n * 37) % 60)).collect();
+        let memories: Vec<Ranked> = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| Ranked {
+                id,
+                created_at: at((n % 3) as i64, 0),
+                effective_importance: (n % 7) as f64 / 10.0,
+            })
+            .collect();
+        let mut sorted = memories.clone();
+        rank_descending(&mut sorted);
+        for limit in [0, 1, 10, 59, 60, 100] {
+            let mut kept = memories.clone();
+            keep_first(&mut kept, limit, by_rank);
+            assert_eq!(kept, sorted[..limit.min(60)], "limit {limit}");
+        }
     }
 
     #[test]

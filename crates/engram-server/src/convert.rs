@@ -72,11 +72,15 @@ impl View {
     pub fn similar(&self, similar: &[(row::Model, u32)]) -> Vec<pb::SimilarMemory> {
         similar
             .iter()
-            .map(|(memory, distance)| pb::SimilarMemory {
-                memory: Some(self.memory(memory)),
-                distance: *distance as i32,
-            })
+            .map(|(memory, distance)| self.similar_memory(memory, *distance))
             .collect()
+    }
+
+    pub fn similar_memory(&self, memory: &row::Model, distance: u32) -> pb::SimilarMemory {
+        pb::SimilarMemory {
+            memory: Some(self.memory(memory)),
+            distance: distance as i32,
+        }
     }
 }
 

@@ -473,6 +473,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         else {
             unreachable!("validated")
         };
+        let view = self.view(now);
         let memories = self
             .store
             .retrieve(
@@ -482,12 +483,10 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
                 min_importance,
                 limit,
                 now,
+                |memory| view.memory(memory),
             )
             .await?;
-        let view = self.view(now);
-        Ok(Response::new(pb::RetrieveMemoriesResponse {
-            memories: memories.iter().map(|memory| view.memory(memory)).collect(),
-        }))
+        Ok(Response::new(pb::RetrieveMemoriesResponse { memories }))
     }
 
     async fn find_similar_memories(
@@ -521,7 +520,8 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         else {
             unreachable!("validated")
         };
-        let similar = self
+        let view = self.view(now);
+        let similar_memories = self
             .store
             .find_similar(
                 &tenant,
@@ -529,11 +529,11 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
                 text::semantic_hash(&content),
                 max_distance,
                 now,
+                |memory, distance| view.similar_memory(memory, distance),
             )
             .await?;
-        let view = self.view(now);
         Ok(Response::new(pb::FindSimilarMemoriesResponse {
-            similar_memories: view.similar(&similar),
+            similar_memories,
         }))
     }
 }

@@ -18,7 +18,7 @@ use engram_domain::filter::PurgeScope;
 use engram_domain::memory::{ContentType, NewMemory, merge_into_twin};
 use engram_domain::names::{MemoryName, SessionId, SessionScope};
 use engram_domain::paging::PageCursor;
-use engram_domain::ranking::{Ranked, choose_evictions, effective_importance, rank_descending};
+use engram_domain::ranking::{Ranked, by_rank, choose_evictions, effective_importance, keep_first};
 use engram_domain::{etag, limits, text};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
 use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
@@ -715,7 +715,13 @@ impl MemoryStore {
     }
 
     /// The most important live memories, with their access recorded.
-    pub async fn retrieve(
+    /// The session's `limit` most important live memories, each counted as accessed and
+    /// handed to `render` while the session is held, so nothing is copied twice.
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the request's filters, each its own"
+    )]
+    pub async fn retrieve<T>(
         &self,
         tenant: &str,
         session: &SessionId,
@@ -723,7 +729,8 @@ impl MemoryStore {
         min_importance: f64,
         limit: usize,
         now: DateTime<Utc>,
-    ) -> Result<Vec<row::Model>, MemoryError> {
+        render: impl Fn(&row::Model) -> T,
+    ) -> Result<Vec<T>, MemoryError> {
         let wanted = |memory: &row::Model| {
             content_types.is_empty()
                 || content_types
@@ -731,50 +738,49 @@ impl MemoryStore {
                     .any(|kind| kind.as_str() == memory.content_type)
         };
         let choose = |memories: &mut Vec<row::Model>| {
-            let mut ranking: Vec<Ranked> = memories
+            let mut ranking: Vec<(Ranked, usize)> = memories
                 .iter()
-                .filter(|memory| is_live_at(memory, now) && wanted(memory))
-                .map(|memory| ranked(memory, now))
-                .filter(|memory| memory.effective_importance >= min_importance)
+                .enumerate()
+                .filter(|(_, memory)| is_live_at(memory, now) && wanted(memory))
+                .map(|(at, memory)| (ranked(memory, now), at))
+                .filter(|(memory, _)| memory.effective_importance >= min_importance)
                 .collect();
-            rank_descending(&mut ranking);
-            let chosen: Vec<String> = ranking
-                .iter()
-                .take(limit)
-                .map(|memory| memory.id.to_owned())
-                .collect();
+            keep_first(&mut ranking, limit, |(a, _), (b, _)| by_rank(a, b));
+            let chosen: Vec<usize> = ranking.into_iter().map(|(_, at)| at).collect();
             let access = Accesses {
                 count: 1,
                 last: now,
             };
-            let by_rank: Vec<row::Model> = chosen
+            let rendered = chosen
                 .iter()
-                .filter_map(|id| {
-                    let memory = memories.iter_mut().find(|memory| &memory.id == id)?;
-                    memory.add_accesses(access);
-                    Some(memory.clone())
+                .map(|&at| {
+                    memories[at].add_accesses(access);
+                    render(&memories[at])
                 })
                 .collect();
             self.accesses
-                .record(by_rank.iter().map(|memory| memory.id.as_str()), now);
-            by_rank
+                .record(chosen.iter().map(|&at| memories[at].id.as_str()), now);
+            rendered
         };
         Ok(self.with_session(tenant, session, now, choose).await?)
     }
 
-    pub async fn find_similar(
+    /// The session's live memories within `max_distance` of `semantic_hash`, nearest first,
+    /// handed to `render` with their distance.
+    pub async fn find_similar<T>(
         &self,
         tenant: &str,
         session: &SessionId,
         semantic_hash: u64,
         max_distance: u32,
         now: DateTime<Utc>,
-    ) -> Result<Vec<(row::Model, u32)>, MemoryError> {
+        render: impl Fn(&row::Model, u32) -> T,
+    ) -> Result<Vec<T>, MemoryError> {
         let near = |memories: &mut Vec<row::Model>| {
             let live = memories.iter().filter(|memory| is_live_at(memory, now));
             nearest(semantic_hash, live, max_distance)
                 .into_iter()
-                .map(|(memory, distance)| (memory.clone(), distance))
+                .map(|(memory, distance)| render(memory, distance))
                 .collect()
         };
         Ok(self.with_session(tenant, session, now, near).await?)
