@@ -268,18 +268,23 @@ fn connect_options(
         .connect_lazy(true)
         .sqlx_logging(false)
         // Database spans name the operation; statements stay out of traces.
-        .record_stmt_in_spans(false)
-        .map_sqlx_sqlite_opts(move |sqlite| {
-            sqlite_extra(
-                sqlite
-                    .journal_mode(SqliteJournalMode::Wal)
-                    .synchronous(SqliteSynchronous::Normal)
-                    .busy_timeout(StdDuration::from_secs(30))
-                    // Deleted rows are overwritten with zeros, so erased text leaves no trace in
-                    // free pages.
-                    .pragma("secure_delete", "on"),
-            )
-        });
+        .record_stmt_in_spans(false);
+    if url.starts_with("sqlite:") {
+        // A file connection does not go stale like a socket; a ping before each use would
+        // cost every transaction a round trip to the connection's thread.
+        options.test_before_acquire(false);
+    }
+    options.map_sqlx_sqlite_opts(move |sqlite| {
+        sqlite_extra(
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(StdDuration::from_secs(30))
+                // Deleted rows are overwritten with zeros, so erased text leaves no trace in
+                // free pages.
+                .pragma("secure_delete", "on"),
+        )
+    });
     options
 }
 
@@ -1589,15 +1594,17 @@ async fn insert_fresh<'a>(
         );
         if backend == DbBackend::Sqlite {
             // One JSON array of the ids found afterwards instead of a RETURNING row each
-            // (see `load_live_as_json`).
-            transaction.execute_raw(insert.build(backend)).await?;
+            // (see `load_live_as_json`), sent with the insert: one trip to the connection.
             let query = Query::select()
                 .expr_as(Expr::cust("json_group_array(id)"), "ids")
                 .from(Memories)
                 .cond_where(Column::Id.is_in(chunk.iter().map(|memory| memory.id.as_str())))
                 .to_owned();
             let ids: String = transaction
-                .query_one_raw(backend.build(&query))
+                .query_one_raw(one_after_another(
+                    insert.build(backend),
+                    backend.build(&query),
+                ))
                 .await?
                 .ok_or_else(|| DbErr::Type("no inserted ids".to_owned()))?
                 .try_get("", "ids")?;
@@ -1612,6 +1619,17 @@ async fn insert_fresh<'a>(
         }
     }
     Ok(inserted)
+}
+
+/// Two SQLite statements sent as one: the connection runs them in order, binding each its
+/// own values, and answers with the rows of both.
+fn one_after_another(first: Statement, second: Statement) -> Statement {
+    let values = |statement: Statement| statement.values.map_or_else(Vec::new, |values| values.0);
+    Statement::from_sql_and_values(
+        first.db_backend,
+        format!("{}; {}", first.sql, second.sql),
+        values(first).into_iter().chain(values(second)),
+    )
 }
 
 /// The rows holding these (tenant, session, content type, content hash) keys, deleted or not.
