@@ -102,9 +102,25 @@ impl StoreQueue {
     pub fn start(tables: Tables) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let receiver = Arc::new(Mutex::new(receiver));
-        for _ in 0..tables.concurrent_groups() {
-            tokio::spawn(write_groups(tables.clone(), receiver.clone()));
-        }
+        let writers = tables.concurrent_groups();
+        // A thread of their own: a group makes several trips to its connection, and a writer
+        // woken among busy request handlers would wait its turn after every one.
+        std::thread::Builder::new()
+            .name("engram-writer".to_owned())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("the writer's runtime");
+                runtime.block_on(async move {
+                    let mut running = tokio::task::JoinSet::new();
+                    for _ in 0..writers {
+                        running.spawn(write_groups(tables.clone(), receiver.clone()));
+                    }
+                    while running.join_next().await.is_some() {}
+                });
+            })
+            .expect("the writer's thread");
         Self { sender }
     }
 
