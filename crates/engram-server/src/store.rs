@@ -719,7 +719,6 @@ impl MemoryStore {
         Ok((count, sample))
     }
 
-    /// The most important live memories, with their access recorded.
     /// The session's `limit` most important live memories, each counted as accessed and
     /// handed to `render` while the session is held, so nothing is copied twice.
     #[allow(
