@@ -29,17 +29,22 @@ const SCRIPT_URI_SCHEMES: [&str; 3] = ["javascript:", "vbscript:", "data:text/ht
 /// stored text can never form a tag, script URI schemes are removed, and whitespace runs
 /// collapse to one space with none at either end.
 pub fn sanitize_text(raw: &str) -> String {
-    let without_controls: String = raw
-        .chars()
-        .filter(|c| !is_invisible_control(*c))
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
     let without_markup = MARKUP_STRIPPER
-        .clean(&without_controls)
+        .clean(&without_controls(raw))
         .to_string()
         .replace("&nbsp;", " ")
         .replace("&amp;", "&");
-    collapse_whitespace(&remove_script_uris(without_markup))
+    // Again: the parser decodes character references, so `&#1;` or `&#x202E;` come out as
+    // the characters they name.
+    collapse_whitespace(&remove_script_uris(without_controls(&without_markup)))
+}
+
+/// Drops invisible controls and turns every other control character into a space.
+fn without_controls(text: &str) -> String {
+    text.chars()
+        .filter(|c| !is_invisible_control(*c))
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Bidirectional overrides and isolates reorder how text displays and hide what it says.
@@ -131,6 +136,13 @@ mod tests {
             sanitize_text("Zoë prefers 日本語 👩‍💻"),
             "Zoë prefers 日本語 👩‍💻"
         );
+    }
+
+    #[test]
+    fn character_references_cannot_smuggle_controls_in() {
+        assert_eq!(sanitize_text("&#1A"), "A");
+        assert_eq!(sanitize_text("a&#0;b&#x1b;c"), "a\u{FFFD}b c");
+        assert_eq!(sanitize_text("abc&#x202E;def"), "abcdef");
     }
 
     #[test]
