@@ -9,6 +9,11 @@ use engram_server::settings::{Overrides, Settings};
 use engram_server::{server, store};
 use migration::{Migrator, MigratorTrait};
 
+// Every call allocates its request, response and rows by the dozen: mimalloc's thread-local
+// free lists cost less than glibc's arenas there.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "engram",
