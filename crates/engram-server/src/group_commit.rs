@@ -7,6 +7,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use engram_domain::memory::NewMemory;
@@ -14,7 +15,7 @@ use engram_domain::names::SessionId;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::MemoryError;
-use crate::store::{RequestRecord, StoreOutcome, Tables};
+use crate::store::{RequestRecord, StoreOutcome, Tables, WRITER_CHECKPOINT_INTERVAL};
 
 /// Most calls in one group, and most memories (a batch call brings up to 100).
 const MAX_GROUP_CALLS: usize = 256;
@@ -164,6 +165,7 @@ impl StoreQueue {
 /// One writer: takes the next group from the queue and writes it, until the queue closes.
 async fn write_groups(tables: Tables, queue: Arc<Mutex<mpsc::Receiver<PendingStore>>>) {
     let mut held_over: Option<PendingStore> = None;
+    let mut checkpointed = Instant::now();
     loop {
         let group = {
             let mut receiver = queue.lock().await;
@@ -173,6 +175,10 @@ async fn write_groups(tables: Tables, queue: Arc<Mutex<mpsc::Receiver<PendingSto
             }
         };
         write_group(&tables, group).await;
+        // After every group until one leaves the log fully copied.
+        if checkpointed.elapsed() >= WRITER_CHECKPOINT_INTERVAL && tables.checkpoint().await {
+            checkpointed = Instant::now();
+        }
     }
 }
 

@@ -65,8 +65,10 @@ const INSERT_CHUNK: usize = 256;
 const SESSION_CACHE_MAX_AGE: StdDuration = StdDuration::from_secs(10);
 /// SQLite page cache of the writer's connection, in KiB.
 const WRITER_CACHE_KIB: u32 = 32 * 1024;
-/// How often SQLite's write-ahead log is checkpointed into the database file.
-const CHECKPOINT_INTERVAL: StdDuration = StdDuration::from_secs(1);
+/// How often SQLite's write-ahead log is copied into the database file beside the writer.
+const CHECKPOINT_INTERVAL: StdDuration = StdDuration::from_millis(250);
+/// How often the writer copies the rest itself, so that the log starts over.
+pub(crate) const WRITER_CHECKPOINT_INTERVAL: StdDuration = StdDuration::from_secs(1);
 /// PostgreSQL channel on which replicas announce the sessions they changed.
 const CHANGES_CHANNEL: &str = "engram_sessions";
 /// The payload announcing that any session may have changed.
@@ -247,7 +249,7 @@ pub async fn connect_writer(
     let options = connect_options(url, 1, |sqlite| {
         sqlite
             .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
-            // Its commits only append: `checkpoint_every` checkpoints beside it.
+            // Its commits only append; it checkpoints between groups (`Tables::checkpoint`).
             .pragma("wal_autocheckpoint", "0")
     });
     Database::connect(options).await
@@ -945,6 +947,14 @@ impl Tables {
             DbBackend::Postgres => POSTGRES_CONCURRENT_GROUPS,
             _ => 1,
         }
+    }
+
+    /// SQLite: copies what is left of the write-ahead log into the database file, between
+    /// two groups. It has to be the writer: SQLite starts the log over only when a write
+    /// begins with every frame copied, which a checkpoint beside a busy writer never sees
+    /// (the log grew by 1.4 GB in 20 s of stores). Returns whether every frame was copied.
+    pub(crate) async fn checkpoint(&self) -> bool {
+        self.db.get_database_backend() != DbBackend::Sqlite || checkpoint_wal(&self.db).await
     }
 
     /// Writes a group of store calls in one transaction, as if one after the other in
@@ -1847,8 +1857,9 @@ async fn listen_for_changes(db: DatabaseConnection, cache: Weak<SessionCache>) {
     }
 }
 
-/// SQLite: checkpoints the write-ahead log every `interval` (PASSIVE: never waits for the
-/// writer), so commits only append to it. Ends when `store` is gone.
+/// SQLite: checkpoints the write-ahead log every `interval`, beside the writer (PASSIVE: never
+/// waits for it), so that the copying runs off its thread and its own checkpoint
+/// (`Tables::checkpoint`) finds little left. Ends when `store` is gone.
 async fn checkpoint_every<T>(db: DatabaseConnection, store: Weak<T>, interval: StdDuration) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1857,13 +1868,29 @@ async fn checkpoint_every<T>(db: DatabaseConnection, store: Weak<T>, interval: S
         if store.strong_count() == 0 {
             return;
         }
-        if let Err(error) = db
-            .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
-            .await
-        {
-            tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
-        }
+        checkpoint_wal(&db).await;
     }
+}
+
+/// A PASSIVE checkpoint of SQLite's write-ahead log; whether it copied every frame.
+async fn checkpoint_wal(db: &DatabaseConnection) -> bool {
+    let outcome = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            "PRAGMA wal_checkpoint(PASSIVE)",
+        ))
+        .await
+        .and_then(|row| {
+            let row = row.ok_or_else(|| DbErr::Custom("no checkpoint outcome".to_owned()))?;
+            let busy: i32 = row.try_get_by_index(0)?;
+            let frames: i32 = row.try_get_by_index(1)?;
+            let copied: i32 = row.try_get_by_index(2)?;
+            Ok(busy == 0 && frames == copied)
+        });
+    outcome.unwrap_or_else(|error| {
+        tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
+        false
+    })
 }
 
 /// Writes the counted accesses every `interval` until the tracker is dropped.

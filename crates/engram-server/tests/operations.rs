@@ -278,3 +278,65 @@ async fn three_replicas_on_one_postgres_make_one_row_and_sweep_safely() {
         );
     }
 }
+
+/// The checkpoint sequence in the header of SQLite's write-ahead log: it goes up each time
+/// the log starts over from its first frame (None before the log has a header).
+fn write_ahead_log_sequence(wal: &std::path::Path) -> Option<u32> {
+    let header = std::fs::read(wal).ok()?;
+    let sequence = header.get(12..16)?;
+    Some(u32::from_be_bytes(sequence.try_into().ok()?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_write_ahead_log_starts_over_under_stores_that_never_pause() {
+    let database = TestDatabase::create(Backend::Sqlite).await;
+    let wal = database
+        .sqlite_path()
+        .expect("a SQLite file")
+        .with_extension("db-wal");
+    let server = EngramProcess::serve(database.url(), &[]);
+    let client = server.client().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // More callers than a group takes at once in a debug build: the writer never idles.
+    let writers: Vec<_> = (0..32)
+        .map(|writer| {
+            let (mut client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut stored = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let request = store_request(
+                        &format!("wal-{writer}-{}", stored / 50),
+                        memory(&format!("fact {stored} of writer {writer}")),
+                    );
+                    client.store_memory(request).await.expect("store");
+                    stored += 1;
+                }
+                stored
+            })
+        })
+        .collect();
+    let wal_path = wal.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let wal = wal_path.clone();
+            async move { write_ahead_log_sequence(&wal).is_some() }
+        })
+        .await,
+        "the stores reach the write-ahead log"
+    );
+    let first = write_ahead_log_sequence(&wal).expect("a header");
+    let started_over = eventually(Duration::from_secs(20), || {
+        let wal = wal.clone();
+        async move { write_ahead_log_sequence(&wal).is_some_and(|now| now != first) }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut stored = 0;
+    for writer in writers {
+        stored += writer.await.expect("writer");
+    }
+    assert!(
+        started_over,
+        "the log never started over during {stored} stores; it grows without end"
+    );
+}
