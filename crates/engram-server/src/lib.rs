@@ -15,3 +15,4 @@ pub mod store;
 pub mod sweeper;
 pub mod telemetry;
 pub mod toolconfig;
+pub mod write_behind;

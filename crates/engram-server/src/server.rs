@@ -10,6 +10,7 @@ use engram_proto::memory::v1::memory_service_server::MemoryServiceServer;
 use engram_proto::toolconfig::v1::tool_config_service_server::ToolConfigServiceServer;
 use sea_orm::{DatabaseConnection, DbErr};
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic_health::ServingStatus;
 use tonic_reflection::pb::{v1, v1alpha};
@@ -20,6 +21,7 @@ use crate::service::MemoryApi;
 use crate::settings::Settings;
 use crate::store::{self, MemoryStore, Policy};
 use crate::telemetry::RpcObservabilityLayer;
+use crate::write_behind::WriteBehind;
 
 /// How often readiness re-checks the database.
 const READINESS_INTERVAL: Duration = Duration::from_secs(1);
@@ -203,10 +205,12 @@ pub async fn serve(
             ToolConfigServiceServer::new(tool_config),
             admission(authenticator, Access::AdminOnly),
         ))
-        // TCP_NODELAY: a response goes out in several small writes; Nagle would hold the
-        // last ones for the client's delayed ACK (40 ms a call).
+        // TCP_NODELAY: Nagle would hold a response's last bytes for the client's delayed
+        // ACK (40 ms a call); coalescing is `WriteBehind`'s.
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            tonic::transport::server::TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(|accepted| accepted.map(WriteBehind::new)),
             stopped_accepting(),
         );
     let finish = Duration::from_secs(u64::from(settings.shutdown_timeout_seconds));
