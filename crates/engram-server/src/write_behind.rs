@@ -19,6 +19,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 /// Bytes queued before a write waits for the writer task (as a full socket buffer would).
 const QUEUE_LIMIT: usize = 128 * 1024;
+/// Buffer capacity a connection keeps between bursts: idle connections hold little.
+const RETAINED_CAPACITY: usize = 16 * 1024;
 /// How long the bytes queued when the connection ends may take to reach a peer.
 const CLOSING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -113,6 +115,7 @@ async fn write_queued(shared: Arc<Shared>, mut socket: OwnedWriteHalf) {
             socket.write_all(&sending).await
         };
         sending.clear();
+        sending.shrink_to(RETAINED_CAPACITY);
         if let Err(error) = written {
             break Some(error);
         }
