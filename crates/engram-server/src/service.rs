@@ -25,7 +25,7 @@ use crate::auth::{self, Caller};
 use crate::convert::{self, View};
 use crate::error::MemoryError;
 use crate::settings::Settings;
-use crate::store::{Changes, ListQuery, MemoryStore, RequestRecord, StoreOutcome};
+use crate::store::{Changes, ListQuery, MemoryStore, RequestRecord, RetrieveQuery, StoreOutcome};
 
 pub struct MemoryApi {
     store: MemoryStore,
@@ -477,11 +477,13 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
         let memories = self
             .store
             .retrieve(
-                &tenant,
-                &session,
-                &content_types,
-                min_importance,
-                limit,
+                RetrieveQuery {
+                    tenant,
+                    session,
+                    content_types,
+                    min_importance,
+                    limit,
+                },
                 now,
                 |memory| view.memory(memory),
             )

@@ -215,6 +215,15 @@ pub struct ListQuery {
     pub after: Option<PageCursor>,
 }
 
+/// What RetrieveMemories asks for.
+pub struct RetrieveQuery {
+    pub tenant: String,
+    pub session: SessionId,
+    pub content_types: Vec<ContentType>,
+    pub min_importance: f64,
+    pub limit: usize,
+}
+
 /// Rows removed by one sweep.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepReport {
@@ -723,20 +732,19 @@ impl MemoryStore {
 
     /// The session's `limit` most important live memories, each counted as accessed and
     /// handed to `render` while the session is held, so nothing is copied twice.
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "the request's filters, each its own"
-    )]
     pub async fn retrieve<T>(
         &self,
-        tenant: &str,
-        session: &SessionId,
-        content_types: &[ContentType],
-        min_importance: f64,
-        limit: usize,
+        query: RetrieveQuery,
         now: DateTime<Utc>,
         render: impl Fn(&row::Model) -> T,
     ) -> Result<Vec<T>, MemoryError> {
+        let RetrieveQuery {
+            tenant,
+            session,
+            content_types,
+            min_importance,
+            limit,
+        } = query;
         let wanted = |memory: &row::Model| {
             content_types.is_empty()
                 || content_types
@@ -768,7 +776,7 @@ impl MemoryStore {
                 .record(chosen.iter().map(|&at| memories[at].id.as_str()), now);
             rendered
         };
-        Ok(self.with_session(tenant, session, now, choose).await?)
+        Ok(self.with_session(&tenant, &session, now, choose).await?)
     }
 
     /// The session's live memories within `max_distance` of `semantic_hash`, nearest first,
