@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
+use crate::server::cpu_seconds;
+
 /// One call: the connection to use and a serial number that varies the request.
 pub type Call = Arc<
     dyn Fn(Channel, u64) -> Pin<Box<dyn Future<Output = Result<(), tonic::Status>> + Send>>
@@ -20,6 +22,8 @@ pub struct Shape {
     pub concurrency: usize,
     pub warmup: Duration,
     pub duration: Duration,
+    /// The server's process, whose CPU time is read beside the client's.
+    pub server_pid: Option<u32>,
 }
 
 /// What one scenario measured.
@@ -30,6 +34,9 @@ pub struct Measured {
     pub seconds: f64,
     /// Latency of successful calls, in microseconds.
     pub latency: Histogram<u64>,
+    /// CPU seconds the server and this client used while calls were recorded.
+    pub server_cpu: Option<f64>,
+    pub client_cpu: Option<f64>,
 }
 
 impl Measured {
@@ -39,6 +46,14 @@ impl Measured {
 
     pub fn millis_at(&self, quantile: f64) -> f64 {
         self.latency.value_at_quantile(quantile) as f64 / 1000.0
+    }
+
+    /// CPU microseconds per successful call: steadier than calls/s on a machine whose
+    /// speed varies from run to run.
+    pub fn cpu_micros_per_call(&self, cpu_seconds: Option<f64>) -> Option<f64> {
+        cpu_seconds
+            .filter(|_| self.ok > 0)
+            .map(|seconds| seconds * 1e6 / self.ok as f64)
     }
 }
 
@@ -51,6 +66,7 @@ pub async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
     let started = Instant::now();
     let recording_from = started + shape.warmup;
     let until = recording_from + shape.duration;
+    let cpu = tokio::spawn(cpu_used_between(recording_from, until, shape.server_pid));
     let callers: Vec<_> = (0..shape.concurrency)
         .map(|caller| {
             let channel = channels[caller % channels.len()].clone();
@@ -93,6 +109,8 @@ pub async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
         first_error: None,
         seconds: shape.duration.as_secs_f64(),
         latency: histogram(),
+        server_cpu: None,
+        client_cpu: None,
     };
     for caller in callers {
         let (latency, errors, first_error) = caller.await.expect("caller task");
@@ -106,5 +124,21 @@ pub async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
         }
     }
     measured.ok = measured.latency.len();
+    (measured.server_cpu, measured.client_cpu) = cpu.await.expect("CPU sampler task");
     measured
+}
+
+/// CPU seconds of the server and of this process between two instants.
+async fn cpu_used_between(
+    from: Instant,
+    until: Instant,
+    server: Option<u32>,
+) -> (Option<f64>, Option<f64>) {
+    let client = std::process::id();
+    tokio::time::sleep_until(from.into()).await;
+    let before = (server.and_then(cpu_seconds), cpu_seconds(client));
+    tokio::time::sleep_until(until.into()).await;
+    let after = (server.and_then(cpu_seconds), cpu_seconds(client));
+    let used = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
+    (used(before.0, after.0), used(before.1, after.1))
 }

@@ -157,6 +157,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         concurrency: cli.concurrency.max(1),
         warmup: Duration::from_secs(cli.warmup_seconds),
         duration: Duration::from_secs(cli.duration_seconds),
+        server_pid: pid,
     };
     // Sessions of this run only, so a reused database does not skew the retrieval sessions.
     let prefix = format!("bench{}", std::process::id());
@@ -326,8 +327,18 @@ struct Report {
 impl Report {
     fn new(pid: Option<u32>) -> Self {
         println!(
-            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>5}  memories",
-            "rpc", "calls/s", "x ceil", "p50 ms", "p99 ms", "p999 ms", "errors", "rss MiB", "load"
+            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>5}  memories",
+            "rpc",
+            "calls/s",
+            "x ceil",
+            "p50 ms",
+            "p99 ms",
+            "p999 ms",
+            "errors",
+            "rss MiB",
+            "srv us",
+            "cli us",
+            "load"
         );
         Self { pid }
     }
@@ -337,8 +348,14 @@ impl Report {
             .pid
             .and_then(server::resident_mib)
             .map_or("?".to_owned(), |(now, _)| format!("{now:.0}"));
+        let cpu = |seconds| {
+            measured
+                .cpu_micros_per_call(seconds)
+                .map_or("?".to_owned(), |micros| format!("{micros:.1}"))
+        };
+        let (server_cpu, client_cpu) = (cpu(measured.server_cpu), cpu(measured.client_cpu));
         println!(
-            "{name:<28} {:>9.0} {:>7.2} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {:>5}  {}",
+            "{name:<28} {:>9.0} {:>7.2} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {:>5}  {}",
             measured.per_second(),
             measured.per_second() / ceiling,
             measured.millis_at(0.5),

@@ -133,6 +133,23 @@ pub fn resident_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user and system, all threads) of a process from /proc, in seconds.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // USER_HZ: 100 ticks a second in Linux's user ABI on x86 and ARM.
+    cpu_ticks(&stat).map(|ticks| ticks as f64 / 100.0)
+}
+
+/// utime + stime of a /proc/PID/stat line; the command name before them is in parentheses
+/// and may hold spaces and parentheses itself.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_name.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(user + system)
+}
+
 /// The 1-minute load average, to set beside every figure.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -179,4 +196,24 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
     Some(path.split('?').next().unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_add_user_and_system_time_after_any_command_name() {
+        let stat = "4242 (engram (a b)) S 1 4242 4242 0 -1 4194304 1510 0 0 0 731 96 0 0 20 0 9 0";
+        assert_eq!(cpu_ticks(stat), Some(731 + 96));
+        assert_eq!(cpu_ticks("4242 (engram) S 1"), None, "too short");
+    }
+
+    #[test]
+    fn this_process_has_used_some_cpu() {
+        let spent: u64 = (0..20_000_000u64).fold(0, |sum, n| sum ^ n.wrapping_mul(n));
+        assert_ne!(spent, 1);
+        let seconds = cpu_seconds(std::process::id()).expect("/proc/self/stat is readable");
+        assert!(seconds > 0.0, "{seconds}");
+    }
 }
