@@ -5,6 +5,7 @@ pub mod auth;
 pub mod convert;
 pub mod error;
 pub mod group_commit;
+pub mod live_sets;
 pub mod readiness;
 pub mod secrets;
 pub mod server;

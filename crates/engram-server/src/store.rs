@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
 
 use chrono::{DateTime, Duration, Utc};
@@ -33,6 +33,7 @@ use crate::access::{AccessTracker, Accesses, Tracked};
 use crate::auth::Caller;
 use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
+use crate::live_sets::{LiveSets, Sketch, Version};
 use crate::session_cache::{SessionCache, SessionKey};
 
 use row::{Column, Entity as Memories};
@@ -65,6 +66,9 @@ const INSERT_CHUNK: usize = 256;
 const SESSION_CACHE_MAX_AGE: StdDuration = StdDuration::from_secs(10);
 /// SQLite page cache of the writer's connection, in KiB.
 const WRITER_CACHE_KIB: u32 = 32 * 1024;
+/// What the SQLite writer may remember of its sessions' live memories (`LiveSets`): about
+/// 150,000 memories.
+const WRITER_LIVE_SETS_BYTES: usize = 16 * 1024 * 1024;
 /// How often SQLite's write-ahead log is copied into the database file beside the writer.
 const CHECKPOINT_INTERVAL: StdDuration = StdDuration::from_millis(250);
 /// How often the writer copies the rest itself, so that the log starts over.
@@ -93,47 +97,61 @@ pub struct Tables {
     policy: Policy,
     accesses: Arc<AccessTracker>,
     cache: Arc<SessionCache>,
+    /// SQLite only: its one writer remembers what its groups left live.
+    live_sets: Option<Arc<Mutex<LiveSets>>>,
 }
 
 /// A live memory as the session cap and the near-duplicate check see it: no content, no
 /// metadata, so a session's hundred memories load cheaply.
 #[derive(Debug, Clone)]
 struct LiveMemory {
-    id: String,
-    semantic_hash: Option<u64>,
+    sketch: Sketch,
+    /// Read from the database; not known of a memory the writer remembered (`LiveSets`).
+    standing: Option<Standing>,
+}
+
+/// What ranks a live memory against the others of its session when it is over its cap.
+#[derive(Debug, Clone, Copy)]
+struct Standing {
     importance: f64,
     access_count: i32,
-    created_at: DateTime<Utc>,
-    expires_at: Option<DateTime<Utc>>,
 }
 
 impl LiveMemory {
     fn from_model(memory: &row::Model) -> Self {
         Self {
-            id: memory.id.clone(),
-            semantic_hash: memory
-                .semantic_hash
-                .as_deref()
-                .and_then(text::parse_semantic_hash),
-            importance: memory.importance,
-            access_count: memory.access_count,
-            created_at: memory.created_at,
-            expires_at: memory.expires_at,
+            sketch: Sketch {
+                id: memory.id.clone(),
+                semantic_hash: memory
+                    .semantic_hash
+                    .as_deref()
+                    .and_then(text::parse_semantic_hash),
+                created_at: memory.created_at,
+                expires_at: memory.expires_at,
+            },
+            standing: Some(Standing {
+                importance: memory.importance,
+                access_count: memory.access_count,
+            }),
         }
     }
 
     fn is_visible_at(&self, now: DateTime<Utc>) -> bool {
-        self.expires_at.is_none_or(|at| at > now)
+        self.sketch.is_visible_at(now)
     }
 
-    fn ranked(&self, now: DateTime<Utc>) -> Ranked<'_> {
-        rank_at(
-            &self.id,
-            self.importance,
-            self.created_at,
-            self.access_count,
+    fn ranked(&self, now: DateTime<Utc>) -> Option<Ranked<'_>> {
+        let Standing {
+            importance,
+            access_count,
+        } = self.standing?;
+        Some(rank_at(
+            &self.sketch.id,
+            importance,
+            self.sketch.created_at,
+            access_count,
             now,
-        )
+        ))
     }
 }
 
@@ -173,11 +191,13 @@ fn is_live_at(memory: &row::Model, now: DateTime<Utc>) -> bool {
 
 impl Tracked for LiveMemory {
     fn id(&self) -> &str {
-        &self.id
+        &self.sketch.id
     }
 
     fn add_accesses(&mut self, accesses: Accesses) {
-        self.access_count = accesses.added_to(self.access_count);
+        if let Some(standing) = &mut self.standing {
+            standing.access_count = accesses.added_to(standing.access_count);
+        }
     }
 }
 
@@ -402,6 +422,8 @@ impl MemoryStore {
             policy,
             accesses: accesses.clone(),
             cache: cache.clone(),
+            live_sets: (!postgres)
+                .then(|| Arc::new(Mutex::new(LiveSets::new(WRITER_LIVE_SETS_BYTES)))),
         });
         Self {
             db,
@@ -933,6 +955,8 @@ impl AuditEvent {
 struct SessionChanges {
     rows: Vec<row::Model>,
     evicted: HashSet<String>,
+    /// Each session's live memories as the group left them.
+    live: HashMap<SessionKey, Vec<LiveMemory>>,
 }
 
 /// One call of a group as the writer sees it once its rows are written.
@@ -1001,6 +1025,13 @@ impl Tables {
                 (tenant.clone(), session.as_str().to_owned())
             })
             .collect();
+        if let Some(sets) = &self.live_sets {
+            let mut sets = sets.lock().expect("live sets");
+            for (key, members) in changes.live {
+                let sketches = members.into_iter().map(|member| member.sketch);
+                sets.remember(key, sketches.collect());
+            }
+        }
         if self.concurrent_groups() == 1 {
             // One writer, whose groups commit one after the other: what a group wrote is the
             // next state of its sessions, so a cached session takes it instead of a reload.
@@ -1024,44 +1055,8 @@ impl Tables {
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<(Vec<WrittenCall>, SessionChanges), MemoryError> {
-        let mut sessions: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for &call in writing {
-            let PendingStore {
-                tenant, session, ..
-            } = &group[call];
-            sessions
-                .entry(tenant.as_str())
-                .or_default()
-                .insert(session.as_str());
-        }
-        let of_group = sessions
-            .into_iter()
-            .fold(Condition::any(), |any, (tenant, sessions)| {
-                any.add(
-                    Condition::all()
-                        .add(Column::TenantId.eq(tenant))
-                        .add(Column::SessionId.is_in(sessions)),
-                )
-            });
-        let earliest = writing
-            .iter()
-            .map(|&call| group[call].now)
-            .min()
-            .expect("a call to write");
         // Live memories before the group, by session; each call then adds its own.
-        let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
-        let before = self
-            .accesses
-            .read(|| {
-                let live_in_group = Condition::all()
-                    .add(of_group.clone())
-                    .add(live_at(earliest));
-                load_live(transaction, live_in_group)
-            })
-            .await?;
-        for SessionLive(session, memory) in before {
-            live.entry(session).or_default().push(memory);
-        }
+        let mut live = self.live_before(transaction, group, writing).await?;
 
         let fresh: Vec<Vec<row::Model>> = writing
             .iter()
@@ -1117,7 +1112,7 @@ impl Tables {
                         )
                     })?;
                     let twin = merge_into_twin(twin, memory, *now);
-                    members.retain(|member| member.id != twin.id);
+                    members.retain(|member| member.sketch.id != twin.id);
                     members.push(LiveMemory::from_model(&twin));
                     if !merged.contains(&twin.id) {
                         merged.push(twin.id.clone());
@@ -1128,7 +1123,7 @@ impl Tables {
                 touched.insert(now_stored.id.clone(), now_stored.clone());
                 stored.push((now_stored, deduplicated));
             }
-            let evicted = evict_over_cap(members, self.policy.max_entries, *now);
+            let evicted = evict_over_cap(members, self.policy.max_entries, *now)?;
             evicted_ids.extend(evicted.iter().cloned());
             let similar = stored
                 .iter()
@@ -1142,13 +1137,13 @@ impl Tables {
                     };
                     nearest(
                         hash,
-                        members.iter().filter(|other| other.id != memory.id),
+                        members.iter().filter(|other| other.sketch.id != memory.id),
                         self.policy.similarity_max_distance,
                     )
                     .into_iter()
                     .map(|(near, distance)| {
-                        let snapshot = touched.get(&near.id).cloned();
-                        (near.id.clone(), distance, snapshot)
+                        let snapshot = touched.get(&near.sketch.id).cloned();
+                        (near.sketch.id.clone(), distance, snapshot)
                     })
                     .collect()
                 })
@@ -1213,8 +1208,80 @@ impl Tables {
         let changes = SessionChanges {
             rows: touched.into_values().collect(),
             evicted: evicted_ids,
+            live,
         };
         Ok((written, changes))
+    }
+
+    /// The live memories of the group's sessions before it: remembered from the writer's
+    /// last groups where that is exact (`LiveSets`), read for the others.
+    async fn live_before(
+        &self,
+        transaction: &DatabaseTransaction,
+        group: &[PendingStore],
+        writing: &[usize],
+    ) -> Result<HashMap<SessionKey, Vec<LiveMemory>>, DbErr> {
+        let mut incoming: BTreeMap<SessionKey, usize> = BTreeMap::new();
+        for &call in writing {
+            let PendingStore {
+                tenant,
+                session,
+                memories,
+                ..
+            } = &group[call];
+            *incoming
+                .entry((tenant.clone(), session.as_str().to_owned()))
+                .or_default() += memories.len();
+        }
+        let earliest = writing
+            .iter()
+            .map(|&call| group[call].now)
+            .min()
+            .expect("a call to write");
+        let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
+        if let Some(sets) = &self.live_sets {
+            let version = writer_version(transaction).await?;
+            let mut sets = sets.lock().expect("live sets");
+            sets.at_version(version);
+            for (key, room) in &incoming {
+                if let Some(remembered) = sets.take(key, earliest, *room, self.policy.max_entries) {
+                    let members = remembered.into_iter().map(|sketch| LiveMemory {
+                        sketch,
+                        standing: None,
+                    });
+                    live.insert(key.clone(), members.collect());
+                }
+            }
+        }
+        let mut unread: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (tenant, session) in incoming.keys().filter(|key| !live.contains_key(*key)) {
+            unread.entry(tenant).or_default().insert(session);
+        }
+        if unread.is_empty() {
+            return Ok(live);
+        }
+        let of_unread = unread
+            .into_iter()
+            .fold(Condition::any(), |any, (tenant, sessions)| {
+                any.add(
+                    Condition::all()
+                        .add(Column::TenantId.eq(tenant))
+                        .add(Column::SessionId.is_in(sessions)),
+                )
+            });
+        let read = self
+            .accesses
+            .read(|| {
+                let live_in_group = Condition::all()
+                    .add(of_unread.clone())
+                    .add(live_at(earliest));
+                load_live(transaction, live_in_group)
+            })
+            .await?;
+        for SessionLive(session, memory) in read {
+            live.entry(session).or_default().push(memory);
+        }
+        Ok(live)
     }
 
     /// Builds each written call's response and keeps those sent with a request_id.
@@ -1273,6 +1340,34 @@ impl Tracked for SessionLive {
     fn add_accesses(&mut self, accesses: Accesses) {
         self.1.add_accesses(accesses);
     }
+}
+
+/// SQLite, inside the writer's transaction: the database version its connection sees, and
+/// whether that connection is the one the writer marked (a TEMP table lives and dies with
+/// its connection), so `LiveSets` can tell another connection's version from its own.
+async fn writer_version(transaction: &DatabaseTransaction) -> Result<Version, DbErr> {
+    const MARK: &str = "engram_writer_connection";
+    let row = transaction
+        .query_one_raw(Statement::from_string(
+            DbBackend::Sqlite,
+            format!(
+                "SELECT data_version, \
+                   EXISTS (SELECT 1 FROM temp.sqlite_master WHERE name = '{MARK}') AS marked \
+                 FROM pragma_data_version"
+            ),
+        ))
+        .await?
+        .ok_or_else(|| DbErr::Custom("no data_version".to_owned()))?;
+    let marked_connection: bool = row.try_get("", "marked")?;
+    if !marked_connection {
+        transaction
+            .execute_unprepared(&format!("CREATE TEMP TABLE {MARK} (marked INTEGER)"))
+            .await?;
+    }
+    Ok(Version {
+        marked_connection,
+        data_version: row.try_get("", "data_version")?,
+    })
 }
 
 /// Opens a write transaction holding the writer locks of `sessions` (tenant, session id).
@@ -1371,12 +1466,16 @@ async fn load_live(
         .map(
             |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
                 let memory = LiveMemory {
-                    id,
-                    semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
-                    importance,
-                    access_count,
-                    created_at,
-                    expires_at,
+                    sketch: Sketch {
+                        id,
+                        semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
+                        created_at,
+                        expires_at,
+                    },
+                    standing: Some(Standing {
+                        importance,
+                        access_count,
+                    }),
                 };
                 SessionLive((tenant, session), memory)
             },
@@ -1718,17 +1817,26 @@ async fn replay_kept(
 }
 
 /// Removes the least important live memories beyond the cap from `live`; returns their ids.
-fn evict_over_cap(live: &mut Vec<LiveMemory>, cap: usize, now: DateTime<Utc>) -> Vec<String> {
+/// Past the cap every member must have been read whole (`LiveSets::take` sees to it).
+fn evict_over_cap(
+    live: &mut Vec<LiveMemory>,
+    cap: usize,
+    now: DateTime<Utc>,
+) -> Result<Vec<String>, DbErr> {
     if live.len() <= cap {
-        return Vec::new();
+        return Ok(Vec::new());
     }
-    let ranked: Vec<Ranked> = live.iter().map(|memory| memory.ranked(now)).collect();
+    let ranked: Vec<Ranked> = live
+        .iter()
+        .map(|memory| memory.ranked(now))
+        .collect::<Option<_>>()
+        .ok_or_else(|| DbErr::Custom("a session over its cap was not read whole".to_owned()))?;
     let evicted: Vec<String> = choose_evictions(&ranked, cap)
         .into_iter()
         .map(str::to_owned)
         .collect();
-    live.retain(|memory| !evicted.contains(&memory.id));
-    evicted
+    live.retain(|memory| !evicted.contains(&memory.sketch.id));
+    Ok(evicted)
 }
 
 /// What the near-duplicate search reads of a memory, whole or as the writer loads it.
@@ -1739,11 +1847,11 @@ trait Hashed {
 
 impl Hashed for LiveMemory {
     fn semantic_hash(&self) -> Option<u64> {
-        self.semantic_hash
+        self.sketch.semantic_hash
     }
 
     fn created_at(&self) -> DateTime<Utc> {
-        self.created_at
+        self.sketch.created_at
     }
 }
 
@@ -2026,4 +2134,58 @@ fn values_rows(backend: DbBackend, postgres_types: &[&str], rows: usize) -> Stri
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn version_in_transaction(db: &DatabaseConnection) -> Version {
+        let transaction = db.begin().await.expect("begin");
+        let version = writer_version(&transaction).await.expect("version");
+        transaction.commit().await.expect("commit");
+        version
+    }
+
+    /// `LiveSets` trusts the writer connection's version only while it is the same
+    /// connection and nobody else committed.
+    #[tokio::test]
+    async fn the_writer_version_tells_other_commits_and_other_connections() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            directory.path().join("version.db").display()
+        );
+        let pool = connect(&url, 2).await.expect("pool");
+        pool.execute_unprepared("CREATE TABLE other (x INTEGER)")
+            .await
+            .expect("a table");
+        let writer = connect_writer(&url, &pool).await.expect("writer");
+
+        let first = version_in_transaction(&writer).await;
+        assert!(!first.marked_connection, "a new connection is not marked");
+        let again = version_in_transaction(&writer).await;
+        assert_eq!(
+            again,
+            Version {
+                marked_connection: true,
+                ..first
+            },
+            "its own transactions move nothing"
+        );
+
+        pool.execute_unprepared("INSERT INTO other VALUES (1)")
+            .await
+            .expect("a commit beside the writer");
+        let after = version_in_transaction(&writer).await;
+        assert!(after.marked_connection);
+        assert_ne!(after.data_version, first.data_version);
+
+        let other_writer = connect_writer(&url, &pool).await.expect("another writer");
+        assert!(
+            !version_in_transaction(&other_writer)
+                .await
+                .marked_connection
+        );
+    }
 }

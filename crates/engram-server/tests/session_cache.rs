@@ -252,6 +252,59 @@ async fn a_store_keeps_its_sqlite_session_cached() {
     server.stop().await;
 }
 
+/// The SQLite writer remembers what its last group left live in each session, so the next
+/// store of the session need not read it. Changes made beside the writer must not be missed:
+/// a memory deleted through another connection is no near-duplicate of the next store, and
+/// once undeleted it counts toward the cap again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_writer_sees_what_changed_beside_it() {
+    let server =
+        TestServer::start_with(Backend::Sqlite, |settings| settings.memory_max_entries = 10).await;
+    let mut client = server.client.clone();
+    let similar_names = |response: &pb::StoreMemoryResponse| -> Vec<String> {
+        response
+            .similar_memories
+            .iter()
+            .map(|similar| similar.memory.as_ref().expect("memory").name.clone())
+            .collect()
+    };
+    let kept = stored(&mut client, "customer 0 prefers 0 deliveries", 0.9).await;
+    for n in 1..9 {
+        stored(
+            &mut client,
+            &format!("order {n}00{n} shipped on day {n}"),
+            0.3,
+        )
+        .await;
+    }
+
+    delete(&mut client, &kept.name).await;
+    let while_deleted = store(&mut client, "customer 0 prefers 0 deliverys", 0.3).await;
+    assert!(
+        !similar_names(&while_deleted).contains(&kept.name),
+        "a deleted memory is no near-duplicate"
+    );
+    assert!(
+        while_deleted.evicted_memories.is_empty(),
+        "nine live of ten"
+    );
+
+    client
+        .undelete_memory(pb::UndeleteMemoryRequest {
+            name: kept.name.clone(),
+        })
+        .await
+        .expect("undelete");
+    let after = store(&mut client, "asked for a callback tomorrow", 0.3).await;
+    assert_eq!(
+        after.evicted_memories.len(),
+        1,
+        "eleven live of ten: one goes"
+    );
+    assert_eq!(retrieved(&mut client).await.len(), 10);
+    server.stop().await;
+}
+
 /// Two replicas on one PostgreSQL database: a change on one reaches the other's cache
 /// through a notification, long before the cache's age limit would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
