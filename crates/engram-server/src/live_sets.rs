@@ -73,8 +73,7 @@ impl LiveSets {
         self.version = Some(version.data_version);
     }
 
-    /// The group failed: what it took is not given back, and what it read may be wrong.
-    pub fn forget_everything(&mut self) {
+    fn forget_everything(&mut self) {
         self.sessions.clear();
         self.bytes = 0;
         self.version = None;
