@@ -281,6 +281,9 @@ pub async fn connect_writer(
             .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
             // Its commits only append; it checkpoints between groups (`Tables::checkpoint`).
             .pragma("wal_autocheckpoint", "0")
+            // A multi-row insert journals each page it changes for its own rollback; past
+            // 64 KiB that journal spills into a temporary file, opened and deleted per group.
+            .pragma("temp_store", "memory")
     });
     Database::connect(options).await
 }
