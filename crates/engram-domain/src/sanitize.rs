@@ -29,14 +29,29 @@ const SCRIPT_URI_SCHEMES: [&str; 3] = ["javascript:", "vbscript:", "data:text/ht
 /// stored text can never form a tag, script URI schemes are removed, and whitespace runs
 /// collapse to one space with none at either end.
 pub fn sanitize_text(raw: &str) -> String {
-    let without_markup = MARKUP_STRIPPER
-        .clean(&without_controls(raw))
+    collapse_whitespace(&remove_script_uris(without_markup(without_controls(raw))))
+}
+
+/// Text without `<`, `>`, `&` or a no-break space comes out of the parser exactly as it went
+/// in (the serializer escapes only those), so it skips the parser: most text an agent
+/// stores, and most metadata values, are plain.
+fn without_markup(text: String) -> String {
+    if text.contains(['<', '>', '&', '\u{A0}']) {
+        through_parser(&text)
+    } else {
+        text
+    }
+}
+
+fn through_parser(text: &str) -> String {
+    let serialized = MARKUP_STRIPPER
+        .clean(text)
         .to_string()
         .replace("&nbsp;", " ")
         .replace("&amp;", "&");
     // Again: the parser decodes character references, so `&#1;` or `&#x202E;` come out as
     // the characters they name.
-    collapse_whitespace(&remove_script_uris(without_controls(&without_markup)))
+    without_controls(&serialized)
 }
 
 /// Drops invisible controls and turns every other control character into a space.
@@ -150,7 +165,36 @@ mod tests {
         assert_eq!(collapse_whitespace("a\u{1c}b\u{3000} c "), "a b c");
     }
 
+    /// What `sanitize_text` would be if every text went through the parser.
+    fn sanitized_through_parser(raw: &str) -> String {
+        collapse_whitespace(&remove_script_uris(through_parser(&without_controls(raw))))
+    }
+
+    #[test]
+    fn plain_text_skips_the_parser_and_comes_out_the_same() {
+        let plain = |c: char| !matches!(c, '<' | '>' | '&' | '\u{A0}');
+        // Every character from U+0020 to U+33FF and of the emoji blocks, in runs of 64.
+        let everything: Vec<char> = (0x20..0x3400u32)
+            .chain(0x1F300..0x1F700)
+            .filter_map(char::from_u32)
+            .filter(|c| plain(*c))
+            .collect();
+        for run in everything.chunks(64) {
+            let text: String = run.iter().collect();
+            assert_eq!(
+                sanitize_text(&text),
+                sanitized_through_parser(&text),
+                "{text:?}"
+            );
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn skipping_the_parser_changes_nothing(raw in "\\PC{0,80}|[a-z\"'=/!\\-\\] \\x00-\\x1f\u{A0}<>&#;]{0,40}") {
+            proptest::prop_assert_eq!(sanitize_text(&raw), sanitized_through_parser(&raw));
+        }
+
         #[test]
         fn output_never_carries_markup_controls_or_edge_spaces(raw in "\\PC{0,80}|[<>a-z\"'=/ \\x00-\\x1f]{0,80}") {
             let clean = sanitize_text(&raw);
