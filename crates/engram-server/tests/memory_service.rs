@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{Backend, TestServer, field_violations, memory, reason, store_request};
 use engram_domain::text;
 use engram_proto::memory::v1 as pb;
+use sea_orm::ConnectionTrait;
 use tonic::Code;
 
 on_both_backends!(
@@ -25,6 +26,7 @@ on_both_backends!(
     reports_near_duplicates,
     batch_store_is_all_or_nothing,
     request_id_replays_the_first_response,
+    a_store_failing_in_the_database_fails_alone_and_leaves_nothing,
 );
 
 async fn stores_and_gets_a_memory_with_python_identical_hashes(backend: Backend) {
@@ -1257,6 +1259,79 @@ async fn request_id_replays_the_first_response(backend: Backend) {
             .memories
             .len(),
         1
+    );
+    server.stop().await;
+}
+
+/// A database error in one call of a store group (a trigger refusing a row here) rolls back
+/// the group; its other calls are then written on their own, once each.
+async fn a_store_failing_in_the_database_fails_alone_and_leaves_nothing(backend: Backend) {
+    let server = TestServer::start(backend).await;
+    let db = sea_orm::Database::connect(server.database.url())
+        .await
+        .expect("a second connection");
+    let refuse = match backend {
+        Backend::Sqlite => vec![
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON memories \
+             WHEN NEW.content LIKE 'poison%' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+        ],
+        Backend::Postgres => vec![
+            "CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             IF NEW.content LIKE 'poison%' THEN RAISE EXCEPTION 'refused by the test'; END IF; \
+             RETURN NEW; END $$",
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON memories \
+             FOR EACH ROW EXECUTE FUNCTION refuse_poison()",
+        ],
+    };
+    for statement in refuse {
+        db.execute_unprepared(statement).await.expect("the trigger");
+    }
+
+    let calls = (0..40).map(|call| {
+        let mut client = server.client.clone();
+        let content = if call == 20 {
+            "poison pill".to_owned()
+        } else {
+            format!("fine fact {call}")
+        };
+        tokio::spawn(async move {
+            let request = store_request(&format!("group-{}", call % 5), memory(&content));
+            (content, client.store_memory(request).await)
+        })
+    });
+    let mut written = 0;
+    for (content, outcome) in futures_join(calls).await {
+        match outcome {
+            Ok(response) => {
+                let response = response.into_inner();
+                assert!(!content.starts_with("poison"), "the refused row was stored");
+                assert!(
+                    !response.deduplicated,
+                    "{content}: written twice, so the failed group kept it"
+                );
+                written += 1;
+            }
+            Err(status) => {
+                assert_eq!(content, "poison pill", "{content} failed: {status:?}");
+                assert_eq!(status.code(), Code::Internal);
+                assert!(!status.message().contains("poison"), "content in the error");
+            }
+        }
+    }
+    assert_eq!(written, 39);
+    let rows = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT COUNT(*) AS n FROM memories",
+        ))
+        .await
+        .expect("count")
+        .expect("a row")
+        .try_get::<i64>("", "n")
+        .expect("n");
+    assert_eq!(
+        rows, 39,
+        "one row per written call, none of the refused one"
     );
     server.stop().await;
 }
