@@ -99,7 +99,8 @@ pub struct StoreQueue {
 }
 
 impl StoreQueue {
-    /// Starts the writers; they stop when the last queue handle is dropped.
+    /// Starts the writers and the access flusher; they stop when the last queue handle is
+    /// dropped.
     pub fn start(tables: Tables) -> Self {
         let (sender, receiver) = mpsc::channel(QUEUE_CAPACITY);
         let receiver = Arc::new(Mutex::new(receiver));
@@ -115,9 +116,12 @@ impl StoreQueue {
                     .expect("the writer's runtime");
                 runtime.block_on(async move {
                     let mut running = tokio::task::JoinSet::new();
+                    running.spawn(tables.access_flusher());
                     for _ in 0..writers {
                         running.spawn(write_groups(tables.clone(), receiver.clone()));
                     }
+                    // The flusher ends once the last `Tables` is gone.
+                    drop(tables);
                     while running.join_next().await.is_some() {}
                 });
             })

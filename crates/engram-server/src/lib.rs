@@ -12,6 +12,7 @@ pub mod server;
 pub mod service;
 pub mod session_cache;
 pub mod settings;
+mod sqlite_writer;
 pub mod store;
 pub mod sweeper;
 pub mod telemetry;

@@ -100,9 +100,7 @@ pub async fn serve(
         crate::telemetry::serve_metrics(address).map_err(StartError::Metrics)?;
     }
     let cache_bytes = usize::try_from(settings.session_cache_mib).unwrap_or(usize::MAX) << 20;
-    let writer = store::connect_writer(&settings.database_url, &db)
-        .await
-        .map_err(StartError::Connect)?;
+    let writer = store::connect_writer(&settings.database_url, &db).map_err(StartError::Connect)?;
     let store = MemoryStore::new(db.clone(), writer, policy(&settings), cache_bytes);
     let store_at_exit = store.clone();
 

@@ -21,12 +21,11 @@ use engram_domain::paging::PageCursor;
 use engram_domain::ranking::{Ranked, by_rank, choose_evictions, effective_importance, keep_first};
 use engram_domain::{etag, limits, text};
 use sea_orm::sea_query::{Expr, OnConflict, Query};
-use sea_orm::sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
     IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, TryGetableMany, Value,
 };
 
 use crate::access::{AccessTracker, Accesses, Tracked};
@@ -35,6 +34,7 @@ use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
 use crate::live_sets::{LiveSets, Sketch, Version};
 use crate::session_cache::{SessionCache, SessionKey};
+use crate::sqlite_writer::{Columns, DirectSqlite, SqliteTransaction};
 
 use row::{Column, Entity as Memories};
 
@@ -64,9 +64,6 @@ const INSERT_CHUNK: usize = 256;
 /// Oldest a cached session may be: what a lost change notification or another replica's
 /// access counts can leave stale at worst.
 const SESSION_CACHE_MAX_AGE: StdDuration = StdDuration::from_secs(10);
-/// SQLite page cache of the writer's connection, in KiB. Small since the writer remembers its
-/// sessions' live sets (below) instead of reading their rows; 32 MiB cost RSS and no speed.
-const WRITER_CACHE_KIB: u32 = 8 * 1024;
 /// What the SQLite writer may remember of its sessions' live memories (`LiveSets`): about
 /// 250,000 memories.
 const WRITER_LIVE_SETS_BYTES: usize = 32 * 1024 * 1024;
@@ -82,8 +79,8 @@ const EVERY_SESSION: &str = "*";
 #[derive(Clone)]
 pub struct MemoryStore {
     db: DatabaseConnection,
-    /// The writer's own connection on SQLite (`connect_writer`), the pool on PostgreSQL.
-    writer: DatabaseConnection,
+    /// Where stores and access counts are written (`connect_writer`).
+    writer: Writer,
     policy: Policy,
     accesses: Arc<AccessTracker>,
     cache: Arc<SessionCache>,
@@ -94,12 +91,87 @@ pub struct MemoryStore {
 /// cache it must tell of the sessions it changed.
 #[derive(Clone)]
 pub struct Tables {
-    db: DatabaseConnection,
+    writer: Writer,
     policy: Policy,
     accesses: Arc<AccessTracker>,
     cache: Arc<SessionCache>,
     /// SQLite only: its one writer remembers what its groups left live.
     live_sets: Option<Arc<Mutex<LiveSets>>>,
+}
+
+/// The connection store groups are written on (`connect_writer`).
+#[derive(Clone)]
+pub enum Writer {
+    /// PostgreSQL: transactions on the pool.
+    Pool(DatabaseConnection),
+    /// SQLite: one connection of its own, driven on the writer's thread.
+    Sqlite(Arc<DirectSqlite>),
+}
+
+impl Writer {
+    /// Begins a write transaction holding the writer locks of `sessions` (see [`begin_write`];
+    /// SQLite's `BEGIN IMMEDIATE` locks every session).
+    async fn begin<'a>(
+        &self,
+        sessions: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<WriteTransaction<'_>, DbErr> {
+        Ok(match self {
+            Self::Pool(db) => WriteTransaction::Pooled(begin_write(db, sessions).await?),
+            Self::Sqlite(sqlite) => WriteTransaction::Direct(sqlite.begin().await?),
+        })
+    }
+}
+
+/// A transaction of the writer: on the pool, or on the SQLite writer's own connection.
+enum WriteTransaction<'a> {
+    Pooled(DatabaseTransaction),
+    Direct(SqliteTransaction<'a>),
+}
+
+impl WriteTransaction<'_> {
+    fn backend(&self) -> DbBackend {
+        match self {
+            Self::Pooled(transaction) => transaction.get_database_backend(),
+            Self::Direct(_) => DbBackend::Sqlite,
+        }
+    }
+
+    async fn execute(&self, statement: Statement) -> Result<(), DbErr> {
+        match self {
+            Self::Pooled(transaction) => transaction.execute_raw(statement).await.map(|_| ()),
+            Self::Direct(sqlite) => sqlite.execute(statement),
+        }
+    }
+
+    async fn query<T: Columns>(&self, statement: Statement) -> Result<Vec<T>, DbErr> {
+        match self {
+            Self::Pooled(transaction) => transaction
+                .query_all_raw(statement)
+                .await?
+                .iter()
+                .map(|row| T::try_get_many_by_index(row).map_err(DbErr::from))
+                .collect(),
+            Self::Direct(sqlite) => sqlite.query(statement),
+        }
+    }
+
+    /// The whole memories `condition` selects (see [`load_rows`]).
+    async fn load_rows(&self, condition: Condition) -> Result<Vec<row::Model>, DbErr> {
+        match self {
+            Self::Pooled(transaction) => load_rows(transaction, condition).await,
+            Self::Direct(sqlite) => {
+                let json = sqlite.query::<String>(json_rows(ROW_JSON_COLUMNS, condition))?;
+                rows_from_json(json.first().ok_or_else(|| unreadable("no row"))?)
+            }
+        }
+    }
+
+    async fn commit(self) -> Result<(), DbErr> {
+        match self {
+            Self::Pooled(transaction) => transaction.commit().await,
+            Self::Direct(sqlite) => sqlite.commit(),
+        }
+    }
 }
 
 /// A live memory as the session cap and the near-duplicate check see it: no content, no
@@ -254,45 +326,60 @@ pub struct SweepReport {
     pub request_log: u64,
 }
 
-/// Opens the database pool. SQLite runs in WAL mode with synchronous=NORMAL: a committed
-/// transaction survives a crash of the process (not necessarily of the machine).
+/// Opens the database pool (on SQLite with `SQLITE_PRAGMAS`).
 pub async fn connect(url: &str, max_connections: u32) -> Result<DatabaseConnection, DbErr> {
     if let Some(directory) = sqlite_directory(url) {
         std::fs::create_dir_all(&directory).map_err(|error| {
             DbErr::Custom(format!("cannot create {}: {error}", directory.display()))
         })?;
     }
-    Database::connect(connect_options(url, max_connections, |sqlite| sqlite)).await
+    Database::connect(connect_options(url, max_connections)).await
 }
 
-/// The connection of the group-commit writer and the access flusher. On SQLite it is one
-/// connection of its own, with a large page cache that stays warm: no other connection's
-/// commit invalidates it, as happens to pooled connections taking turns. PostgreSQL writes
-/// through the pool.
-pub async fn connect_writer(
-    url: &str,
-    pool: &DatabaseConnection,
-) -> Result<DatabaseConnection, DbErr> {
+/// Every SQLite connection's settings. WAL with synchronous=NORMAL: a committed transaction
+/// survives a crash of the process (not necessarily of the machine). Deleted rows are
+/// overwritten with zeros, so erased text leaves no trace in free pages. sqlx's own default
+/// turns on foreign keys; the writer's connection matches it.
+const SQLITE_PRAGMAS: [(&str, &str); 4] = [
+    ("journal_mode", "WAL"),
+    ("synchronous", "NORMAL"),
+    ("secure_delete", "on"),
+    ("foreign_keys", "ON"),
+];
+/// The writer's connection besides:
+/// - an 8 MiB page cache that stays warm, since no other connection's commit invalidates it
+///   (small, as the writer remembers its sessions' live sets instead of reading their rows;
+///   32 MiB cost RSS and no speed);
+/// - no automatic checkpoints: its commits only append, and it checkpoints between groups
+///   (`Tables::checkpoint`);
+/// - the statement journal of a multi-row insert in memory (past 64 KiB it would spill into
+///   a temporary file, opened and deleted per group).
+const SQLITE_WRITER_PRAGMAS: [(&str, &str); 3] = [
+    ("cache_size", "-8192"),
+    ("wal_autocheckpoint", "0"),
+    ("temp_store", "memory"),
+];
+/// How long a SQLite connection waits for another's write lock.
+const SQLITE_BUSY_TIMEOUT: StdDuration = StdDuration::from_secs(30);
+
+/// The connection of the group-commit writer. On SQLite it is one connection of its own,
+/// driven on the writer's thread (`sqlite_writer`); PostgreSQL writes through the pool.
+pub fn connect_writer(url: &str, pool: &DatabaseConnection) -> Result<Writer, DbErr> {
     if pool.get_database_backend() != DbBackend::Sqlite {
-        return Ok(pool.clone());
+        return Ok(Writer::Pool(pool.clone()));
     }
-    let options = connect_options(url, 1, |sqlite| {
-        sqlite
-            .pragma("cache_size", format!("-{WRITER_CACHE_KIB}"))
-            // Its commits only append; it checkpoints between groups (`Tables::checkpoint`).
-            .pragma("wal_autocheckpoint", "0")
-            // A multi-row insert journals each page it changes for its own rollback; past
-            // 64 KiB that journal spills into a temporary file, opened and deleted per group.
-            .pragma("temp_store", "memory")
-    });
-    Database::connect(options).await
+    let file = sqlite_file(url)
+        .ok_or_else(|| DbErr::Custom("the SQLite writer needs a database file".to_owned()))?;
+    let settings: String = SQLITE_PRAGMAS
+        .iter()
+        .chain(&SQLITE_WRITER_PRAGMAS)
+        .map(|(name, value)| format!("PRAGMA {name} = {value};"))
+        .collect();
+    let sqlite = DirectSqlite::open(&file, SQLITE_BUSY_TIMEOUT, &settings)?;
+    Ok(Writer::Sqlite(Arc::new(sqlite)))
 }
 
-fn connect_options(
-    url: &str,
-    max_connections: u32,
-    sqlite_extra: impl Fn(SqliteConnectOptions) -> SqliteConnectOptions + Send + Sync + 'static,
-) -> ConnectOptions {
+fn connect_options(url: &str, max_connections: u32) -> ConnectOptions {
     let mut options = ConnectOptions::new(url);
     options
         .max_connections(max_connections)
@@ -309,15 +396,10 @@ fn connect_options(
         // cost every transaction a round trip to the connection's thread.
         options.test_before_acquire(false);
     }
-    options.map_sqlx_sqlite_opts(move |sqlite| {
-        sqlite_extra(
-            sqlite
-                .journal_mode(SqliteJournalMode::Wal)
-                .synchronous(SqliteSynchronous::Normal)
-                .busy_timeout(StdDuration::from_secs(30))
-                // Deleted rows are overwritten with zeros, so erased text leaves no trace in
-                // free pages.
-                .pragma("secure_delete", "on"),
+    options.map_sqlx_sqlite_opts(|sqlite| {
+        SQLITE_PRAGMAS.iter().fold(
+            sqlite.busy_timeout(SQLITE_BUSY_TIMEOUT),
+            |sqlite, (name, value)| sqlite.pragma(*name, *value),
         )
     });
     options
@@ -391,18 +473,8 @@ impl MemoryStore {
     /// The store, its group-commit writer, its access flusher and, on PostgreSQL, the
     /// listener for other replicas' changes (all run on the caller's tokio runtime and stop
     /// with the last clone of the store). `cache_bytes` bounds the session cache (0: none).
-    pub fn new(
-        db: DatabaseConnection,
-        writer: DatabaseConnection,
-        policy: Policy,
-        cache_bytes: usize,
-    ) -> Self {
+    pub fn new(db: DatabaseConnection, writer: Writer, policy: Policy, cache_bytes: usize) -> Self {
         let accesses = Arc::new(AccessTracker::default());
-        tokio::spawn(flush_accesses_every(
-            writer.clone(),
-            Arc::downgrade(&accesses),
-            ACCESS_FLUSH_INTERVAL,
-        ));
         if db.get_database_backend() == DbBackend::Sqlite {
             tokio::spawn(checkpoint_every(
                 db.clone(),
@@ -422,7 +494,7 @@ impl MemoryStore {
             tokio::spawn(listen_for_changes(db.clone(), Arc::downgrade(&cache)));
         }
         let stores = StoreQueue::start(Tables {
-            db: writer.clone(),
+            writer: writer.clone(),
             policy,
             accesses: accesses.clone(),
             cache: cache.clone(),
@@ -979,10 +1051,21 @@ impl Tables {
     /// PostgreSQL overlaps one group's commit (a WAL flush) with the next groups' statements,
     /// while groups sharing a session still take turns on its advisory lock.
     pub(crate) fn concurrent_groups(&self) -> usize {
-        match self.db.get_database_backend() {
-            DbBackend::Postgres => POSTGRES_CONCURRENT_GROUPS,
-            _ => 1,
+        match self.writer {
+            Writer::Pool(_) => POSTGRES_CONCURRENT_GROUPS,
+            Writer::Sqlite(_) => 1,
         }
+    }
+
+    /// Writes the counted accesses every second, on the writer's connection, until the
+    /// store is dropped. On SQLite they are its own commits, which `LiveSets` tells apart
+    /// from other connections'.
+    pub(crate) fn access_flusher(&self) -> impl Future<Output = ()> + Send + 'static {
+        flush_accesses_every(
+            self.writer.clone(),
+            Arc::downgrade(&self.accesses),
+            ACCESS_FLUSH_INTERVAL,
+        )
     }
 
     /// SQLite: copies what is left of the write-ahead log into the database file, between
@@ -990,7 +1073,14 @@ impl Tables {
     /// begins with every frame copied, which a checkpoint beside a busy writer never sees
     /// (the log grew by 1.4 GB in 20 s of stores). Returns whether every frame was copied.
     pub(crate) async fn checkpoint(&self) -> bool {
-        self.db.get_database_backend() != DbBackend::Sqlite || checkpoint_wal(&self.db).await
+        match &self.writer {
+            Writer::Pool(_) => true,
+            Writer::Sqlite(sqlite) => {
+                let checkpoint = Statement::from_string(DbBackend::Sqlite, CHECKPOINT);
+                let outcome = sqlite.query_between_transactions(checkpoint).await;
+                copied_every_frame(outcome.map(|mut rows| rows.pop()))
+            }
+        }
     }
 
     /// Writes a group of store calls in one transaction, as if one after the other in
@@ -1001,24 +1091,11 @@ impl Tables {
         &self,
         group: &mut [PendingStore],
     ) -> Result<Vec<Option<MemoryError>>, MemoryError> {
-        let transaction = begin_write(
-            &self.db,
-            group
-                .iter()
-                .map(|call| (call.tenant.as_str(), call.session.as_str())),
-        )
-        .await?;
-        let mut failures: Vec<Option<MemoryError>> = group.iter().map(|_| None).collect();
-        let replayed = replay_kept(&transaction, group, &mut failures).await?;
-        let writing: Vec<usize> = (0..group.len())
-            .filter(|call| !replayed.contains(call) && failures[*call].is_none())
-            .collect();
-        let mut changes = SessionChanges::default();
-        if !writing.is_empty() {
-            let written;
-            (written, changes) = self.write_calls(&transaction, group, &writing).await?;
-            self.respond(&transaction, group, written).await?;
-        }
+        let sessions = group
+            .iter()
+            .map(|call| (call.tenant.as_str(), call.session.as_str()));
+        let transaction = self.writer.begin(sessions).await?;
+        let (failures, writing, changes) = self.write_in(&transaction, group).await?;
         transaction.commit().await?;
         let sessions: BTreeSet<SessionKey> = writing
             .iter()
@@ -1036,26 +1113,50 @@ impl Tables {
                 sets.remember(key, sketches.collect());
             }
         }
-        if self.concurrent_groups() == 1 {
-            // One writer, whose groups commit one after the other: what a group wrote is the
-            // next state of its sessions, so a cached session takes it instead of a reload.
-            for key in &sessions {
-                let rows = changes.rows.iter().filter(|memory| {
-                    (&memory.tenant_id, &memory.session_id) == (&key.0, &key.1)
-                        && !changes.evicted.contains(&memory.id)
-                });
-                self.cache.apply(key, rows.cloned(), &changes.evicted);
+        match &self.writer {
+            Writer::Sqlite(_) => {
+                // One writer, whose groups commit one after the other: what a group wrote is
+                // the next state of its sessions, so a cached session takes it, not a reload.
+                for key in &sessions {
+                    let rows = changes.rows.iter().filter(|memory| {
+                        (&memory.tenant_id, &memory.session_id) == (&key.0, &key.1)
+                            && !changes.evicted.contains(&memory.id)
+                    });
+                    self.cache.apply(key, rows.cloned(), &changes.evicted);
+                }
             }
-        } else {
-            let sessions: Vec<SessionKey> = sessions.into_iter().collect();
-            sessions_changed(&self.db, &self.cache, &sessions).await;
+            Writer::Pool(db) => {
+                let sessions: Vec<SessionKey> = sessions.into_iter().collect();
+                sessions_changed(db, &self.cache, &sessions).await;
+            }
         }
         Ok(failures)
     }
 
+    /// The group's statements, inside its transaction: each call's kept response or
+    /// failure, the calls written, and what they changed.
+    async fn write_in(
+        &self,
+        transaction: &WriteTransaction<'_>,
+        group: &mut [PendingStore],
+    ) -> Result<(Vec<Option<MemoryError>>, Vec<usize>, SessionChanges), MemoryError> {
+        let mut failures: Vec<Option<MemoryError>> = group.iter().map(|_| None).collect();
+        let replayed = replay_kept(transaction, group, &mut failures).await?;
+        let writing: Vec<usize> = (0..group.len())
+            .filter(|call| !replayed.contains(call) && failures[*call].is_none())
+            .collect();
+        let mut changes = SessionChanges::default();
+        if !writing.is_empty() {
+            let written;
+            (written, changes) = self.write_calls(transaction, group, &writing).await?;
+            self.respond(transaction, group, written).await?;
+        }
+        Ok((failures, writing, changes))
+    }
+
     async fn write_calls(
         &self,
-        transaction: &DatabaseTransaction,
+        transaction: &WriteTransaction<'_>,
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<(Vec<WrittenCall>, SessionChanges), MemoryError> {
@@ -1170,7 +1271,7 @@ impl Tables {
             .collect();
         for chunk in merges.chunks(MERGE_CHUNK) {
             transaction
-                .execute_raw(write_merges(transaction.get_database_backend(), chunk))
+                .execute(write_merges(transaction.backend(), chunk))
                 .await?;
         }
         // Near-duplicates this group did not write are read whole before any eviction.
@@ -1184,8 +1285,7 @@ impl Tables {
             let rows = self
                 .accesses
                 .read(|| {
-                    load_rows(
-                        transaction,
+                    transaction.load_rows(
                         Condition::all().add(Column::Id.is_in(untouched.iter().copied())),
                     )
                 })
@@ -1204,9 +1304,9 @@ impl Tables {
             }
         }
         if !evicted_ids.is_empty() {
-            Memories::delete_many()
-                .filter(Column::Id.is_in(evicted_ids.iter()))
-                .exec(transaction)
+            let evict = Memories::delete_many().filter(Column::Id.is_in(evicted_ids.iter()));
+            transaction
+                .execute(evict.build(transaction.backend()))
                 .await?;
         }
         let changes = SessionChanges {
@@ -1221,7 +1321,7 @@ impl Tables {
     /// last groups where that is exact (`LiveSets`), read for the others.
     async fn live_before(
         &self,
-        transaction: &DatabaseTransaction,
+        transaction: &WriteTransaction<'_>,
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<HashMap<SessionKey, Vec<LiveMemory>>, DbErr> {
@@ -1291,7 +1391,7 @@ impl Tables {
     /// Builds each written call's response and keeps those sent with a request_id.
     async fn respond(
         &self,
-        transaction: &DatabaseTransaction,
+        transaction: &WriteTransaction<'_>,
         group: &mut [PendingStore],
         written: Vec<WrittenCall>,
     ) -> Result<(), MemoryError> {
@@ -1325,8 +1425,9 @@ impl Tables {
         }
         // One statement per chunk, not per call.
         for chunk in kept_responses.chunks(INSERT_CHUNK) {
-            memory_request::Entity::insert_many(chunk.to_vec())
-                .exec_without_returning(transaction)
+            let keep = memory_request::Entity::insert_many(chunk.to_vec());
+            transaction
+                .execute(keep.build(transaction.backend()))
                 .await?;
         }
         Ok(())
@@ -1349,28 +1450,30 @@ impl Tracked for SessionLive {
 /// SQLite, inside the writer's transaction: the database version its connection sees, and
 /// whether that connection is the one the writer marked (a TEMP table lives and dies with
 /// its connection), so `LiveSets` can tell another connection's version from its own.
-async fn writer_version(transaction: &DatabaseTransaction) -> Result<Version, DbErr> {
+async fn writer_version(transaction: &WriteTransaction<'_>) -> Result<Version, DbErr> {
     const MARK: &str = "engram_writer_connection";
-    let row = transaction
-        .query_one_raw(Statement::from_string(
+    let (data_version, marked) = transaction
+        .query::<(i64, i64)>(Statement::from_string(
             DbBackend::Sqlite,
             format!(
                 "SELECT data_version, \
-                   EXISTS (SELECT 1 FROM temp.sqlite_master WHERE name = '{MARK}') AS marked \
+                   EXISTS (SELECT 1 FROM temp.sqlite_master WHERE name = '{MARK}') \
                  FROM pragma_data_version"
             ),
         ))
         .await?
+        .pop()
         .ok_or_else(|| DbErr::Custom("no data_version".to_owned()))?;
-    let marked_connection: bool = row.try_get("", "marked")?;
+    let marked_connection = marked != 0;
     if !marked_connection {
+        let mark = format!("CREATE TEMP TABLE {MARK} (marked INTEGER)");
         transaction
-            .execute_unprepared(&format!("CREATE TEMP TABLE {MARK} (marked INTEGER)"))
+            .execute(Statement::from_string(DbBackend::Sqlite, mark))
             .await?;
     }
     Ok(Version {
         marked_connection,
-        data_version: row.try_get("", "data_version")?,
+        data_version,
     })
 }
 
@@ -1388,13 +1491,13 @@ async fn begin_write<'a>(
             ..TransactionOptions::default()
         })
         .await?;
-    if transaction.get_database_backend() == DbBackend::Postgres {
-        // Tenants and session ids are letters, digits, `_` and `-`: `/` joins and a comma
-        // separates them safely.
-        let sessions: Vec<String> = sessions
-            .into_iter()
-            .map(|(tenant, session)| format!("{tenant}/{session}"))
-            .collect();
+    // Tenants and session ids are letters, digits, `_` and `-`: `/` joins and a comma
+    // separates them safely.
+    let sessions: Vec<String> = sessions
+        .into_iter()
+        .map(|(tenant, session)| format!("{tenant}/{session}"))
+        .collect();
+    if transaction.get_database_backend() == DbBackend::Postgres && !sessions.is_empty() {
         transaction
             .execute_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
@@ -1441,12 +1544,15 @@ type LiveRow = (
 
 /// The live memories `condition` selects, with their sessions.
 async fn load_live(
-    connection: &impl ConnectionTrait,
+    connection: &WriteTransaction<'_>,
     condition: Condition,
 ) -> Result<Vec<SessionLive>, DbErr> {
-    let rows = match connection.get_database_backend() {
-        DbBackend::Sqlite => load_live_as_json(connection, condition).await?,
-        _ => {
+    let rows = match connection {
+        WriteTransaction::Direct(sqlite) => {
+            let json = sqlite.query::<String>(json_rows(LIVE_JSON_COLUMNS, condition))?;
+            live_from_json(json.first().ok_or_else(|| unreadable("no row"))?)?
+        }
+        WriteTransaction::Pooled(transaction) => {
             Memories::find()
                 .select_only()
                 .columns([
@@ -1461,7 +1567,7 @@ async fn load_live(
                 ])
                 .filter(condition)
                 .into_tuple::<LiveRow>()
-                .all(connection)
+                .all(transaction)
                 .await?
         }
     };
@@ -1487,11 +1593,12 @@ async fn load_live(
         .collect())
 }
 
-/// SQLite: the live memories as ONE JSON array (see [`json_rows`]).
-async fn load_live_as_json(
-    connection: &impl ConnectionTrait,
-    condition: Condition,
-) -> Result<Vec<LiveRow>, DbErr> {
+/// SQLite: what [`live_from_json`] reads.
+const LIVE_JSON_COLUMNS: &str = "tenant_id, session_id, id, semantic_hash, \
+    printf('%!.17g', importance), access_count, created_at, expires_at";
+
+/// SQLite: the live memories of one JSON array (see [`json_rows`]).
+fn live_from_json(json: &str) -> Result<Vec<LiveRow>, DbErr> {
     type LiveJson = (
         String,
         String,
@@ -1502,13 +1609,7 @@ async fn load_live_as_json(
         String,
         Option<String>,
     );
-    let rows: Vec<LiveJson> = json_rows(
-        connection,
-        "tenant_id, session_id, id, semantic_hash, printf('%!.17g', importance), access_count, \
-         created_at, expires_at",
-        condition,
-    )
-    .await?;
+    let rows: Vec<LiveJson> = serde_json::from_str(json).map_err(|_| unreadable("not JSON"))?;
     rows.into_iter()
         .map(
             |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
@@ -1535,6 +1636,21 @@ async fn load_rows(
     if connection.get_database_backend() != DbBackend::Sqlite {
         return Memories::find().filter(condition).all(connection).await;
     }
+    let json: String = connection
+        .query_one_raw(json_rows(ROW_JSON_COLUMNS, condition))
+        .await?
+        .ok_or_else(|| unreadable("no row"))?
+        .try_get_by_index(0)?;
+    rows_from_json(&json)
+}
+
+/// SQLite: what [`rows_from_json`] reads.
+const ROW_JSON_COLUMNS: &str = "id, tenant_id, session_id, content_type, content, content_hash, \
+    semantic_hash, json(metadata), printf('%!.17g', importance), expires_at, access_count, \
+    last_accessed, created_at, updated_at, deleted_at";
+
+/// SQLite: the whole memories of one JSON array (see [`json_rows`]).
+fn rows_from_json(json: &str) -> Result<Vec<row::Model>, DbErr> {
     type RowJson = (
         String,
         String,
@@ -1552,14 +1668,7 @@ async fn load_rows(
         String,
         Option<String>,
     );
-    let rows: Vec<RowJson> = json_rows(
-        connection,
-        "id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
-         json(metadata), printf('%!.17g', importance), expires_at, access_count, last_accessed, \
-         created_at, updated_at, deleted_at",
-        condition,
-    )
-    .await?;
+    let rows: Vec<RowJson> = serde_json::from_str(json).map_err(|_| unreadable("not JSON"))?;
     rows.into_iter()
         .map(|row| {
             let (
@@ -1604,25 +1713,15 @@ async fn load_rows(
 /// driver hands every row over from its worker thread (a wake-up each), so one array of a
 /// session's hundred memories is far cheaper than a hundred rows. Importance travels as text
 /// with 17 digits, so it arrives exactly as stored.
-async fn json_rows<T: serde::de::DeserializeOwned>(
-    connection: &impl ConnectionTrait,
-    columns: &str,
-    condition: Condition,
-) -> Result<Vec<T>, DbErr> {
+fn json_rows(columns: &str, condition: Condition) -> Statement {
     let query = Query::select()
-        .expr_as(
-            Expr::cust(format!("json_group_array(json_array({columns}))")),
-            "rows",
-        )
+        .expr(Expr::cust(format!(
+            "json_group_array(json_array({columns}))"
+        )))
         .from(Memories)
         .cond_where(condition)
         .to_owned();
-    let json: String = connection
-        .query_one_raw(DbBackend::Sqlite.build(&query))
-        .await?
-        .ok_or_else(|| unreadable("no row"))?
-        .try_get("", "rows")?;
-    serde_json::from_str(&json).map_err(|_| unreadable("not JSON"))
+    DbBackend::Sqlite.build(&query)
 }
 
 fn unreadable(what: &str) -> DbErr {
@@ -1690,11 +1789,11 @@ fn twin_key(memory: &row::Model) -> TwinKey {
 /// Inserts the rows that have no twin yet, in order (a later row of the same content is
 /// the earlier one's twin); returns the ids inserted. The unique constraint decides.
 async fn insert_fresh<'a>(
-    transaction: &DatabaseTransaction,
+    transaction: &WriteTransaction<'_>,
     rows: impl Iterator<Item = &'a row::Model>,
 ) -> Result<HashSet<String>, DbErr> {
     let rows: Vec<&row::Model> = rows.collect();
-    let backend = transaction.get_database_backend();
+    let backend = transaction.backend();
     let mut inserted = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(INSERT_CHUNK) {
         let mut insert = Memories::insert_many(
@@ -1712,49 +1811,15 @@ async fn insert_fresh<'a>(
             .do_nothing()
             .to_owned(),
         );
-        if backend == DbBackend::Sqlite {
-            // One JSON array of the ids found afterwards instead of a RETURNING row each
-            // (see `load_live_as_json`), sent with the insert: one trip to the connection.
-            let query = Query::select()
-                .expr_as(Expr::cust("json_group_array(id)"), "ids")
-                .from(Memories)
-                .cond_where(Column::Id.is_in(chunk.iter().map(|memory| memory.id.as_str())))
-                .to_owned();
-            let ids: String = transaction
-                .query_one_raw(one_after_another(
-                    insert.build(backend),
-                    backend.build(&query),
-                ))
-                .await?
-                .ok_or_else(|| DbErr::Type("no inserted ids".to_owned()))?
-                .try_get("", "ids")?;
-            let ids: Vec<String> = serde_json::from_str(&ids)
-                .map_err(|_| DbErr::Type("unreadable inserted ids".to_owned()))?;
-            inserted.extend(ids);
-        } else {
-            QueryTrait::query(&mut insert).returning_col(Column::Id);
-            for returned in transaction.query_all_raw(insert.build(backend)).await? {
-                inserted.insert(returned.try_get::<String>("", "id")?);
-            }
-        }
+        QueryTrait::query(&mut insert).returning_col(Column::Id);
+        inserted.extend(transaction.query::<String>(insert.build(backend)).await?);
     }
     Ok(inserted)
 }
 
-/// Two SQLite statements sent as one: the connection runs them in order, binding each its
-/// own values, and answers with the rows of both.
-fn one_after_another(first: Statement, second: Statement) -> Statement {
-    let values = |statement: Statement| statement.values.map_or_else(Vec::new, |values| values.0);
-    Statement::from_sql_and_values(
-        first.db_backend,
-        format!("{}; {}", first.sql, second.sql),
-        values(first).into_iter().chain(values(second)),
-    )
-}
-
 /// The rows holding these (tenant, session, content type, content hash) keys, deleted or not.
 async fn fetch_by_keys(
-    transaction: &DatabaseTransaction,
+    transaction: &WriteTransaction<'_>,
     keys: &BTreeSet<TwinKey>,
 ) -> Result<Vec<row::Model>, DbErr> {
     if keys.is_empty() {
@@ -1770,13 +1835,13 @@ async fn fetch_by_keys(
                 .add(Column::ContentHash.eq(content_hash.as_str())),
         );
     }
-    load_rows(transaction, any).await
+    transaction.load_rows(any).await
 }
 
 /// Answers calls sent with a request_id seen before: the kept response, or a failure when
 /// the id came with another request. Returns the calls answered so.
 async fn replay_kept(
-    transaction: &DatabaseTransaction,
+    transaction: &WriteTransaction<'_>,
     group: &mut [PendingStore],
     failures: &mut [Option<MemoryError>],
 ) -> Result<HashSet<usize>, DbErr> {
@@ -1795,12 +1860,20 @@ async fn replay_kept(
     if of_group.is_empty() {
         return Ok(answered);
     }
-    let kept: HashMap<(String, String), memory_request::Model> = memory_request::Entity::find()
-        .filter(of_group)
-        .all(transaction)
+    let find_kept = memory_request::Entity::find()
+        .select_only()
+        .columns([
+            Kept::TenantId,
+            Kept::RequestId,
+            Kept::RequestDigest,
+            Kept::Response,
+        ])
+        .filter(of_group);
+    let kept: HashMap<(String, String), (String, Vec<u8>)> = transaction
+        .query::<(String, String, String, Vec<u8>)>(find_kept.build(transaction.backend()))
         .await?
         .into_iter()
-        .map(|kept| ((kept.tenant_id.clone(), kept.request_id.clone()), kept))
+        .map(|(tenant, request_id, digest, response)| ((tenant, request_id), (digest, response)))
         .collect();
     for (index, call) in group.iter_mut().enumerate() {
         let Some(earlier) = call.record.as_ref().and_then(|record| {
@@ -1809,11 +1882,11 @@ async fn replay_kept(
         }) else {
             continue;
         };
-        let (record, earlier) = earlier;
+        let (record, (digest, response)) = earlier;
         answered.insert(index);
-        if earlier.request_digest != record.digest {
+        if *digest != record.digest {
             failures[index] = Some(MemoryError::RequestIdReused);
-        } else if let Err(failure) = call.reply.replay(&earlier.response) {
+        } else if let Err(failure) = call.reply.replay(response) {
             failures[index] = Some(failure);
         }
     }
@@ -1992,30 +2065,37 @@ async fn checkpoint_every<T>(db: DatabaseConnection, store: Weak<T>, interval: S
     }
 }
 
-/// A PASSIVE checkpoint of SQLite's write-ahead log; whether it copied every frame.
+/// A PASSIVE checkpoint of SQLite's write-ahead log.
+const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
+
+/// A PASSIVE checkpoint on a pooled connection; whether it copied every frame.
 async fn checkpoint_wal(db: &DatabaseConnection) -> bool {
     let outcome = db
-        .query_one_raw(Statement::from_string(
-            DbBackend::Sqlite,
-            "PRAGMA wal_checkpoint(PASSIVE)",
-        ))
+        .query_one_raw(Statement::from_string(DbBackend::Sqlite, CHECKPOINT))
         .await
         .and_then(|row| {
-            let row = row.ok_or_else(|| DbErr::Custom("no checkpoint outcome".to_owned()))?;
-            let busy: i32 = row.try_get_by_index(0)?;
-            let frames: i32 = row.try_get_by_index(1)?;
-            let copied: i32 = row.try_get_by_index(2)?;
-            Ok(busy == 0 && frames == copied)
+            row.map(|row| <(i64, i64, i64)>::try_get_many_by_index(&row))
+                .transpose()
+                .map_err(DbErr::from)
         });
-    outcome.unwrap_or_else(|error| {
-        tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
-        false
-    })
+    copied_every_frame(outcome)
+}
+
+/// Whether a checkpoint's outcome (busy, frames in the log, frames copied) copied them all.
+fn copied_every_frame(outcome: Result<Option<(i64, i64, i64)>, DbErr>) -> bool {
+    match outcome {
+        Ok(Some((busy, frames, copied))) => busy == 0 && frames == copied,
+        Ok(None) => false,
+        Err(error) => {
+            tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
+            false
+        }
+    }
 }
 
 /// Writes the counted accesses every `interval` until the tracker is dropped.
 async fn flush_accesses_every(
-    db: DatabaseConnection,
+    writer: Writer,
     accesses: Weak<AccessTracker>,
     interval: StdDuration,
 ) {
@@ -2026,27 +2106,22 @@ async fn flush_accesses_every(
         let Some(accesses) = accesses.upgrade() else {
             return;
         };
-        if let Err(error) = flush_accesses(&db, &accesses).await {
+        if let Err(error) = flush_accesses(&writer, &accesses).await {
             tracing::warn!(%error, "writing access counts failed; retrying next interval");
         }
     }
 }
 
 /// Adds the counted accesses to the database in one transaction, a statement per chunk.
-async fn flush_accesses(db: &DatabaseConnection, accesses: &AccessTracker) -> Result<(), DbErr> {
+async fn flush_accesses(writer: &Writer, accesses: &AccessTracker) -> Result<(), DbErr> {
     let Some(counted) = accesses.begin_flush() else {
         return Ok(());
     };
     let written = async {
-        let transaction = db
-            .begin_with_options(TransactionOptions {
-                sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
-                ..TransactionOptions::default()
-            })
-            .await?;
+        let transaction = writer.begin(std::iter::empty()).await?;
         for chunk in counted.chunks(ACCESS_FLUSH_CHUNK) {
             transaction
-                .execute_raw(add_accesses(transaction.get_database_backend(), chunk))
+                .execute(add_accesses(transaction.backend(), chunk))
                 .await?;
         }
         accesses.committing();
@@ -2144,8 +2219,8 @@ fn values_rows(backend: DbBackend, postgres_types: &[&str], rows: usize) -> Stri
 mod tests {
     use super::*;
 
-    async fn version_in_transaction(db: &DatabaseConnection) -> Version {
-        let transaction = db.begin().await.expect("begin");
+    async fn version_in_transaction(writer: &Writer) -> Version {
+        let transaction = writer.begin(std::iter::empty()).await.expect("begin");
         let version = writer_version(&transaction).await.expect("version");
         transaction.commit().await.expect("commit");
         version
@@ -2164,7 +2239,7 @@ mod tests {
         pool.execute_unprepared("CREATE TABLE other (x INTEGER)")
             .await
             .expect("a table");
-        let writer = connect_writer(&url, &pool).await.expect("writer");
+        let writer = connect_writer(&url, &pool).expect("writer");
 
         let first = version_in_transaction(&writer).await;
         assert!(!first.marked_connection, "a new connection is not marked");
@@ -2185,7 +2260,7 @@ mod tests {
         assert!(after.marked_connection);
         assert_ne!(after.data_version, first.data_version);
 
-        let other_writer = connect_writer(&url, &pool).await.expect("another writer");
+        let other_writer = connect_writer(&url, &pool).expect("another writer");
         assert!(
             !version_in_transaction(&other_writer)
                 .await
