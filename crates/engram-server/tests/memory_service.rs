@@ -27,6 +27,7 @@ on_both_backends!(
     batch_store_is_all_or_nothing,
     request_id_replays_the_first_response,
     a_store_failing_in_the_database_fails_alone_and_leaves_nothing,
+    counted_accesses_reach_the_database_between_stores,
 );
 
 async fn stores_and_gets_a_memory_with_python_identical_hashes(backend: Backend) {
@@ -1333,6 +1334,41 @@ async fn a_store_failing_in_the_database_fails_alone_and_leaves_nothing(backend:
         rows, 39,
         "one row per written call, none of the refused one"
     );
+    server.stop().await;
+}
+
+/// Accesses are counted in memory and written behind by the flusher, which shares the
+/// writer's connection on SQLite: the counts reach the table while stores go on beside them.
+async fn counted_accesses_reach_the_database_between_stores(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    let db = sea_orm::Database::connect(server.database.url())
+        .await
+        .expect("a second connection");
+    stored(&mut server, "counted", memory("prefers email over phone")).await;
+    for _ in 0..3 {
+        assert_eq!(retrieve(&mut server, "counted").await.len(), 1);
+    }
+    let count_in_table = || async {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT access_count AS n FROM memories \
+             WHERE session_id = 'counted' AND last_accessed IS NOT NULL",
+        ))
+        .await
+        .expect("read the count")
+        .map(|row| row.try_get::<i32>("", "n").expect("n"))
+    };
+    let mut written = None;
+    for attempt in 0..100 {
+        // Stores keep the writer busy while the flusher waits for its turn.
+        stored(&mut server, "beside", memory(&format!("fact {attempt}"))).await;
+        written = count_in_table().await;
+        if written.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(written, Some(3), "three accesses written within 5 s");
     server.stop().await;
 }
 
