@@ -160,8 +160,7 @@ impl WriteTransaction<'_> {
         match self {
             Self::Pooled(transaction) => load_rows(transaction, condition).await,
             Self::Direct(sqlite) => {
-                let json = sqlite.query::<String>(json_rows(ROW_JSON_COLUMNS, condition))?;
-                rows_from_json(json.first().ok_or_else(|| unreadable("no row"))?)
+                rows_from_json(&json_array(sqlite, ROW_JSON_COLUMNS, condition)?)
             }
         }
     }
@@ -1491,23 +1490,26 @@ async fn begin_write<'a>(
             ..TransactionOptions::default()
         })
         .await?;
-    // Tenants and session ids are letters, digits, `_` and `-`: `/` joins and a comma
-    // separates them safely.
-    let sessions: Vec<String> = sessions
-        .into_iter()
-        .map(|(tenant, session)| format!("{tenant}/{session}"))
-        .collect();
-    if transaction.get_database_backend() == DbBackend::Postgres && !sessions.is_empty() {
-        transaction
-            .execute_raw(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                "SELECT pg_advisory_xact_lock(key) FROM (\
-                   SELECT DISTINCT hashtextextended('engram/session/' || session, 0) AS key \
-                   FROM unnest(string_to_array($1, ',')) AS session ORDER BY key\
-                 ) AS keys",
-                [sessions.join(",").into()],
-            ))
-            .await?;
+    if transaction.get_database_backend() == DbBackend::Postgres {
+        // Tenants and session ids are letters, digits, `_` and `-`: `/` joins and a comma
+        // separates them safely.
+        let sessions: Vec<String> = sessions
+            .into_iter()
+            .map(|(tenant, session)| format!("{tenant}/{session}"))
+            .collect();
+        // An access flush names no session and takes no lock.
+        if !sessions.is_empty() {
+            transaction
+                .execute_raw(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    "SELECT pg_advisory_xact_lock(key) FROM (\
+                       SELECT DISTINCT hashtextextended('engram/session/' || session, 0) AS key \
+                       FROM unnest(string_to_array($1, ',')) AS session ORDER BY key\
+                     ) AS keys",
+                    [sessions.join(",").into()],
+                ))
+                .await?;
+        }
     }
     Ok(transaction)
 }
@@ -1549,8 +1551,7 @@ async fn load_live(
 ) -> Result<Vec<SessionLive>, DbErr> {
     let rows = match connection {
         WriteTransaction::Direct(sqlite) => {
-            let json = sqlite.query::<String>(json_rows(LIVE_JSON_COLUMNS, condition))?;
-            live_from_json(json.first().ok_or_else(|| unreadable("no row"))?)?
+            live_from_json(&json_array(sqlite, LIVE_JSON_COLUMNS, condition)?)?
         }
         WriteTransaction::Pooled(transaction) => {
             Memories::find()
@@ -1722,6 +1723,18 @@ fn json_rows(columns: &str, condition: Condition) -> Statement {
         .cond_where(condition)
         .to_owned();
     DbBackend::Sqlite.build(&query)
+}
+
+/// SQLite, on the writer's connection: the one JSON array [`json_rows`] selects.
+fn json_array(
+    sqlite: &SqliteTransaction<'_>,
+    columns: &str,
+    condition: Condition,
+) -> Result<String, DbErr> {
+    sqlite
+        .query::<String>(json_rows(columns, condition))?
+        .pop()
+        .ok_or_else(|| unreadable("no row"))
 }
 
 fn unreadable(what: &str) -> DbErr {
