@@ -110,21 +110,29 @@ impl AccessTracker {
         loop {
             let before = self.stable_epoch().await;
             let mut rows = read().await?;
-            let counts = self.counts.lock().expect("access counts");
-            if counts.epoch != before {
-                continue;
+            if self.add_unwritten(before, &mut rows) {
+                return Ok(rows);
             }
-            for row in &mut rows {
-                if let Some(accesses) = counts.unwritten(row.id()) {
-                    row.add_accesses(accesses);
-                }
-            }
-            return Ok(rows);
         }
     }
 
-    /// The epoch once no flush is committing.
-    async fn stable_epoch(&self) -> u64 {
+    /// Adds the accesses that rows read since `epoch` (see [`Self::stable_epoch`]) cannot
+    /// see yet; false, and nothing added, when a flush committed meanwhile: read again.
+    pub fn add_unwritten<T: Tracked>(&self, epoch: u64, rows: &mut [T]) -> bool {
+        let counts = self.counts.lock().expect("access counts");
+        if counts.epoch != epoch {
+            return false;
+        }
+        for row in rows {
+            if let Some(accesses) = counts.unwritten(row.id()) {
+                row.add_accesses(accesses);
+            }
+        }
+        true
+    }
+
+    /// The epoch once no flush is committing: what a read about to start sees.
+    pub async fn stable_epoch(&self) -> u64 {
         loop {
             let committed = self.committed.notified();
             let epoch = self.counts.lock().expect("access counts").epoch;

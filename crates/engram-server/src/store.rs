@@ -58,7 +58,7 @@ const ACCESS_FLUSH_CHUNK: usize = 500;
 /// Merged twins written per statement.
 const MERGE_CHUNK: usize = 200;
 /// Store groups PostgreSQL writes at once (see `Tables::concurrent_groups`).
-const POSTGRES_CONCURRENT_GROUPS: usize = 4;
+const POSTGRES_CONCURRENT_GROUPS: usize = 2;
 /// Rows inserted per statement (at most 15 values each, well below every parameter limit).
 const INSERT_CHUNK: usize = 256;
 /// Oldest a cached session may be: what a lost change notification or another replica's
@@ -1125,8 +1125,13 @@ impl Tables {
                 }
             }
             Writer::Pool(db) => {
-                let sessions: Vec<SessionKey> = sessions.into_iter().collect();
-                sessions_changed(db, &self.cache, &sessions).await;
+                for key in &sessions {
+                    self.cache.invalidate(key);
+                }
+                // Off the group's path: its callers need not wait for a notification that
+                // other replicas take in their own time anyway.
+                let (db, payloads) = (db.clone(), announced(&sessions));
+                tokio::spawn(async move { announce(&db, payloads.into_iter()).await });
             }
         }
         Ok(failures)
@@ -1159,9 +1164,6 @@ impl Tables {
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<(Vec<WrittenCall>, SessionChanges), MemoryError> {
-        // Live memories before the group, by session; each call then adds its own.
-        let mut live = self.live_before(transaction, group, writing).await?;
-
         let fresh: Vec<Vec<row::Model>> = writing
             .iter()
             .map(|&call| {
@@ -1172,17 +1174,11 @@ impl Tables {
                     .collect()
             })
             .collect();
-        let inserted = insert_fresh(transaction, fresh.iter().flatten()).await?;
-        let twin_keys: BTreeSet<TwinKey> = fresh
-            .iter()
-            .flatten()
-            .filter(|memory| !inserted.contains(&memory.id))
-            .map(twin_key)
-            .collect();
-        let mut current: HashMap<TwinKey, row::Model> = self
-            .accesses
-            .read(|| fetch_by_keys(transaction, &twin_keys))
-            .await?
+        // Live memories before the group, by session; each call then adds its own.
+        let (mut live, inserted, twins) = self
+            .insert_and_read(transaction, group, writing, &fresh)
+            .await?;
+        let mut current: HashMap<TwinKey, row::Model> = twins
             .into_iter()
             .map(|memory| (twin_key(&memory), memory))
             .collect();
@@ -1324,23 +1320,7 @@ impl Tables {
         group: &[PendingStore],
         writing: &[usize],
     ) -> Result<HashMap<SessionKey, Vec<LiveMemory>>, DbErr> {
-        let mut incoming: BTreeMap<SessionKey, usize> = BTreeMap::new();
-        for &call in writing {
-            let PendingStore {
-                tenant,
-                session,
-                memories,
-                ..
-            } = &group[call];
-            *incoming
-                .entry((tenant.clone(), session.as_str().to_owned()))
-                .or_default() += memories.len();
-        }
-        let earliest = writing
-            .iter()
-            .map(|&call| group[call].now)
-            .min()
-            .expect("a call to write");
+        let (incoming, earliest) = incoming(group, writing);
         let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
         if let Some(sets) = &self.live_sets {
             let version = writer_version(transaction).await?;
@@ -1356,35 +1336,97 @@ impl Tables {
                 }
             }
         }
-        let mut unread: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for (tenant, session) in incoming.keys().filter(|key| !live.contains_key(*key)) {
-            unread.entry(tenant).or_default().insert(session);
-        }
+        let unread: Vec<&SessionKey> = incoming
+            .keys()
+            .filter(|key| !live.contains_key(*key))
+            .collect();
         if unread.is_empty() {
             return Ok(live);
         }
-        let of_unread = unread
-            .into_iter()
-            .fold(Condition::any(), |any, (tenant, sessions)| {
-                any.add(
-                    Condition::all()
-                        .add(Column::TenantId.eq(tenant))
-                        .add(Column::SessionId.is_in(sessions)),
-                )
-            });
         let read = self
             .accesses
-            .read(|| {
-                let live_in_group = Condition::all()
-                    .add(of_unread.clone())
-                    .add(live_at(earliest));
-                load_live(transaction, live_in_group)
-            })
+            .read(|| load_live(transaction, live_in_sessions(&unread, earliest)))
             .await?;
         for SessionLive(session, memory) in read {
             live.entry(session).or_default().push(memory);
         }
         Ok(live)
+    }
+
+    /// Inserts the group's fresh rows (see [`insert_fresh`]) and reads what its calls build
+    /// on: the live memories of their sessions before the group (see [`Self::live_before`])
+    /// and the twins of the rows that did not go in. Returns them and the ids inserted.
+    async fn insert_and_read(
+        &self,
+        transaction: &WriteTransaction<'_>,
+        group: &[PendingStore],
+        writing: &[usize],
+        fresh: &[Vec<row::Model>],
+    ) -> Result<
+        (
+            HashMap<SessionKey, Vec<LiveMemory>>,
+            HashSet<String>,
+            Vec<row::Model>,
+        ),
+        DbErr,
+    > {
+        let rows = || fresh.iter().flatten();
+        let WriteTransaction::Pooled(postgres) = transaction else {
+            let live = self.live_before(transaction, group, writing).await?;
+            let inserted = insert_fresh(transaction, rows()).await?;
+            let keys = rows()
+                .filter(|memory| !inserted.contains(&memory.id))
+                .map(twin_key)
+                .collect();
+            let twins = self
+                .accesses
+                .read(|| fetch_by_keys(transaction, &keys))
+                .await?;
+            return Ok((live, inserted, twins));
+        };
+        let (incoming, earliest) = incoming(group, writing);
+        let sessions: Vec<&SessionKey> = incoming.keys().collect();
+        let epoch = self.accesses.stable_epoch().await;
+        let (inserted, mut read, mut twins) =
+            insert_and_read_postgres(postgres, &sessions, earliest, rows()).await?;
+        if !self.accesses.add_unwritten(epoch, &mut read)
+            || !self.accesses.add_unwritten(epoch, &mut twins)
+        {
+            // An access flush committed meanwhile: read again, past this group's rows.
+            read = self
+                .accesses
+                .read(|| load_live(transaction, live_in_sessions(&sessions, earliest)))
+                .await?;
+            read.retain(|SessionLive(_, memory)| !inserted.contains(memory.id()));
+            let keys = rows().map(twin_key).collect();
+            twins = self
+                .accesses
+                .read(|| fetch_by_keys(transaction, &keys))
+                .await?;
+        }
+        // A twin committed after the statement began is not in its snapshot (the insert
+        // waited for it): read those after it.
+        let found: HashSet<TwinKey> = twins
+            .iter()
+            .chain(rows().filter(|memory| inserted.contains(&memory.id)))
+            .map(twin_key)
+            .collect();
+        let missing: BTreeSet<TwinKey> = rows()
+            .map(twin_key)
+            .filter(|key| !found.contains(key))
+            .collect();
+        if !missing.is_empty() {
+            let late = self
+                .accesses
+                .read(|| fetch_by_keys(transaction, &missing))
+                .await?;
+            twins.extend(late);
+        }
+        let mut live: HashMap<SessionKey, Vec<LiveMemory>> = HashMap::new();
+        for SessionLive(session, memory) in read {
+            live.entry(session).or_default().push(memory);
+        }
+        Ok((live, inserted, twins))
     }
 
     /// Builds each written call's response and keeps those sent with a request_id.
@@ -1444,6 +1486,50 @@ impl Tracked for SessionLive {
     fn add_accesses(&mut self, accesses: Accesses) {
         self.1.add_accesses(accesses);
     }
+}
+
+/// The sessions the written calls store into, with how many memories each, and the
+/// earliest time among the calls (what was live then is what a call may see).
+fn incoming(
+    group: &[PendingStore],
+    writing: &[usize],
+) -> (BTreeMap<SessionKey, usize>, DateTime<Utc>) {
+    let mut incoming: BTreeMap<SessionKey, usize> = BTreeMap::new();
+    for &call in writing {
+        let PendingStore {
+            tenant,
+            session,
+            memories,
+            ..
+        } = &group[call];
+        *incoming
+            .entry((tenant.clone(), session.as_str().to_owned()))
+            .or_default() += memories.len();
+    }
+    let earliest = writing
+        .iter()
+        .map(|&call| group[call].now)
+        .min()
+        .expect("a call to write");
+    (incoming, earliest)
+}
+
+/// The memories of `sessions` live at `now`.
+fn live_in_sessions(sessions: &[&SessionKey], now: DateTime<Utc>) -> Condition {
+    let mut by_tenant: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for (tenant, session) in sessions {
+        by_tenant.entry(tenant).or_default().insert(session);
+    }
+    let of_sessions = by_tenant
+        .into_iter()
+        .fold(Condition::any(), |any, (tenant, sessions)| {
+            any.add(
+                Condition::all()
+                    .add(Column::TenantId.eq(tenant))
+                    .add(Column::SessionId.is_in(sessions)),
+            )
+        });
+    Condition::all().add(of_sessions).add(live_at(now))
 }
 
 /// SQLite, inside the writer's transaction: the database version its connection sees, and
@@ -1572,33 +1658,32 @@ async fn load_live(
                 .await?
         }
     };
-    Ok(rows
-        .into_iter()
-        .map(
-            |(tenant, session, id, hash, importance, access_count, created_at, expires_at)| {
-                let memory = LiveMemory {
-                    sketch: Sketch {
-                        id,
-                        semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
-                        created_at,
-                        expires_at,
-                    },
-                    standing: Some(Standing {
-                        importance,
-                        access_count,
-                    }),
-                };
-                SessionLive((tenant, session), memory)
-            },
-        )
-        .collect())
+    Ok(rows.into_iter().map(session_live).collect())
+}
+
+fn session_live(row: LiveRow) -> SessionLive {
+    let (tenant, session, id, hash, importance, access_count, created_at, expires_at) = row;
+    let memory = LiveMemory {
+        sketch: Sketch {
+            id,
+            semantic_hash: hash.as_deref().and_then(text::parse_semantic_hash),
+            created_at,
+            expires_at,
+        },
+        standing: Some(Standing {
+            importance,
+            access_count,
+        }),
+    };
+    SessionLive((tenant, session), memory)
 }
 
 /// SQLite: what [`live_from_json`] reads.
 const LIVE_JSON_COLUMNS: &str = "tenant_id, session_id, id, semantic_hash, \
     printf('%!.17g', importance), access_count, created_at, expires_at";
 
-/// SQLite: the live memories of one JSON array (see [`json_rows`]).
+/// The live memories of one JSON array: SQLite's [`json_rows`], or PostgreSQL's
+/// [`insert_and_read_postgres`].
 fn live_from_json(json: &str) -> Result<Vec<LiveRow>, DbErr> {
     type LiveJson = (
         String,
@@ -1650,7 +1735,8 @@ const ROW_JSON_COLUMNS: &str = "id, tenant_id, session_id, content_type, content
     semantic_hash, json(metadata), printf('%!.17g', importance), expires_at, access_count, \
     last_accessed, created_at, updated_at, deleted_at";
 
-/// SQLite: the whole memories of one JSON array (see [`json_rows`]).
+/// The whole memories of one JSON array: SQLite's [`json_rows`], or PostgreSQL's
+/// [`insert_and_read_postgres`].
 fn rows_from_json(json: &str) -> Result<Vec<row::Model>, DbErr> {
     type RowJson = (
         String,
@@ -1830,6 +1916,129 @@ async fn insert_fresh<'a>(
     Ok(inserted)
 }
 
+/// PostgreSQL: [`insert_fresh`], and from the snapshot before it the live memories of
+/// `sessions` at `now` and every row holding a key of the fresh rows, in ONE statement: one
+/// trip to PostgreSQL and, as the rows travel as one JSON parameter, one plan whatever the
+/// group's size. Each session and each key is its own index lookup (LATERAL): with the
+/// sessions in one IN list, a table too young to have statistics was read by its tenant
+/// alone, thousands of rows a group. Importance travels as text, which with sqlx's
+/// `extra_float_digits` is the shortest that reads back exactly.
+async fn insert_and_read_postgres<'a>(
+    transaction: &DatabaseTransaction,
+    sessions: &[&SessionKey],
+    now: DateTime<Utc>,
+    fresh: impl Iterator<Item = &'a row::Model>,
+) -> Result<(HashSet<String>, Vec<SessionLive>, Vec<row::Model>), DbErr> {
+    const STATEMENT: &str = "\
+        WITH fresh AS (\
+          SELECT * FROM jsonb_to_recordset($1::jsonb) AS f(\
+            position integer, id text, tenant_id text, session_id text, content_type text, \
+            content text, content_hash text, semantic_hash text, metadata json, \
+            importance double precision, expires_at timestamptz, access_count integer, \
+            last_accessed timestamptz, created_at timestamptz, updated_at timestamptz, \
+            deleted_at timestamptz)\
+        ), inserted AS (\
+          INSERT INTO memories (id, tenant_id, session_id, content_type, content, content_hash, \
+            semantic_hash, metadata, importance, expires_at, access_count, last_accessed, \
+            created_at, updated_at, deleted_at) \
+          SELECT id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
+            metadata, importance, expires_at, access_count, last_accessed, created_at, \
+            updated_at, deleted_at FROM fresh ORDER BY position \
+          ON CONFLICT (tenant_id, session_id, content_type, content_hash) DO NOTHING \
+          RETURNING id\
+        ), live AS (\
+          SELECT m.* FROM jsonb_to_recordset($2::jsonb) AS s(tenant_id text, session_id text) \
+          CROSS JOIN LATERAL (\
+            SELECT json_build_array(tenant_id, session_id, id, semantic_hash, \
+              importance::text, access_count, created_at, expires_at) AS live \
+            FROM memories \
+            WHERE tenant_id = s.tenant_id AND session_id = s.session_id \
+              AND deleted_at IS NULL AND (expires_at IS NULL OR expires_at > $3) \
+            OFFSET 0) AS m\
+        ), twins AS (\
+          SELECT m.twin FROM fresh AS f \
+          CROSS JOIN LATERAL (\
+            SELECT json_build_array(id, tenant_id, session_id, content_type, content, \
+              content_hash, semantic_hash, metadata, importance::text, expires_at, \
+              access_count, last_accessed, created_at, updated_at, deleted_at) AS twin \
+            FROM memories \
+            WHERE tenant_id = f.tenant_id AND session_id = f.session_id \
+              AND content_type = f.content_type AND content_hash = f.content_hash \
+            OFFSET 0) AS m\
+        ) \
+        SELECT (SELECT coalesce(json_agg(id), '[]') FROM inserted)::text, \
+          (SELECT coalesce(json_agg(live), '[]') FROM live)::text, \
+          (SELECT coalesce(json_agg(twin), '[]') FROM twins)::text";
+    let fresh: Vec<serde_json::Value> = fresh
+        .enumerate()
+        .map(|(position, memory)| fresh_json(position, memory))
+        .collect();
+    let sessions: Vec<serde_json::Value> = sessions
+        .iter()
+        .map(|(tenant, session)| serde_json::json!({"tenant_id": tenant, "session_id": session}))
+        .collect();
+    let statement = Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        STATEMENT,
+        [
+            serde_json::Value::Array(fresh).into(),
+            serde_json::Value::Array(sessions).into(),
+            now.into(),
+        ],
+    );
+    let (inserted, live, twins) = transaction
+        .query_one_raw(statement)
+        .await?
+        .ok_or_else(|| unreadable("no row"))?
+        .try_get_many_by_index::<(String, String, String)>()?;
+    let inserted: HashSet<String> =
+        serde_json::from_str(&inserted).map_err(|_| unreadable("not JSON"))?;
+    let live = live_from_json(&live)?
+        .into_iter()
+        .map(session_live)
+        .collect();
+    Ok((inserted, live, rows_from_json(&twins)?))
+}
+
+/// A fresh row as [`insert_and_read_postgres`] sends it, at its position in the group.
+fn fresh_json(position: usize, memory: &row::Model) -> serde_json::Value {
+    let row::Model {
+        id,
+        tenant_id,
+        session_id,
+        content_type,
+        content,
+        content_hash,
+        semantic_hash,
+        metadata,
+        importance,
+        expires_at,
+        access_count,
+        last_accessed,
+        created_at,
+        updated_at,
+        deleted_at,
+    } = memory;
+    serde_json::json!({
+        "position": position,
+        "id": id,
+        "tenant_id": tenant_id,
+        "session_id": session_id,
+        "content_type": content_type,
+        "content": content,
+        "content_hash": content_hash,
+        "semantic_hash": semantic_hash,
+        "metadata": metadata,
+        "importance": importance,
+        "expires_at": expires_at,
+        "access_count": access_count,
+        "last_accessed": last_accessed,
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "deleted_at": deleted_at,
+    })
+}
+
 /// The rows holding these (tenant, session, content type, content hash) keys, deleted or not.
 async fn fetch_by_keys(
     transaction: &WriteTransaction<'_>,
@@ -1979,10 +2188,15 @@ async fn sessions_changed(db: &DatabaseConnection, cache: &SessionCache, session
     for key in sessions {
         cache.invalidate(key);
     }
-    let payloads = sessions
-        .iter()
-        .map(|(tenant, session)| format!("{tenant}/{session}"));
-    announce(db, payloads).await;
+    announce(db, announced(sessions).into_iter()).await;
+}
+
+/// What a notification carries for each changed session.
+fn announced<'a>(sessions: impl IntoIterator<Item = &'a SessionKey>) -> Vec<String> {
+    sessions
+        .into_iter()
+        .map(|(tenant, session)| format!("{tenant}/{session}"))
+        .collect()
 }
 
 async fn changed_everywhere(db: &DatabaseConnection, cache: &SessionCache) {
