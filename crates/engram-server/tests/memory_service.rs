@@ -224,6 +224,72 @@ async fn deduplicates_equal_content_and_merges(backend: Backend) {
     server.stop().await;
 }
 
+/// PostgreSQL reads a group's twins from the snapshot its insert starts from. A twin that
+/// another transaction commits while the insert waits for it is not in that snapshot: the
+/// store still merges into it, also alone in its group (where a failed group is not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_twin_committed_while_the_insert_waits_is_merged_into() {
+    use sea_orm::TransactionTrait;
+    let mut server = TestServer::start(Backend::Postgres).await;
+    let original = stored(&mut server, "first", memory("Prefers email over phone")).await;
+    let db = sea_orm::Database::connect(server.database.url())
+        .await
+        .expect("a second connection");
+    let other = db.begin().await.expect("a transaction of its own");
+    other
+        .execute_unprepared(
+            "INSERT INTO memories (id, tenant_id, session_id, content_type, content, \
+               content_hash, semantic_hash, metadata, importance, expires_at, created_at, \
+               updated_at) \
+             SELECT '00000000-0000-7000-8000-000000000001', tenant_id, 'late', content_type, \
+               content, content_hash, semantic_hash, metadata, importance, expires_at, \
+               created_at, updated_at \
+             FROM memories WHERE session_id = 'first'",
+        )
+        .await
+        .expect("the twin, not committed yet");
+
+    let mut client = server.client.clone();
+    let store = tokio::spawn(async move {
+        client
+            .store_memory(store_request("late", memory("Prefers email over phone")))
+            .await
+    });
+    let waiting = common::eventually(Duration::from_secs(10), || {
+        let db = db.clone();
+        async move {
+            let row = db
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                       AND query LIKE '%INSERT INTO memories%'",
+                ))
+                .await
+                .expect("pg_stat_activity")
+                .expect("a row");
+            row.try_get_by_index::<i64>(0).expect("a count") > 0
+        }
+    })
+    .await;
+    assert!(waiting, "the store never waited for the uncommitted twin");
+    other.commit().await.expect("the twin committed");
+
+    let reply = store
+        .await
+        .expect("the call")
+        .expect("merged into the twin, not failed")
+        .into_inner();
+    assert!(reply.deduplicated, "the twin was found");
+    let merged = reply.memory.expect("memory");
+    assert_eq!(
+        merged.name,
+        "sessions/late/memories/00000000-0000-7000-8000-000000000001"
+    );
+    assert_eq!(merged.content, original.content);
+    server.stop().await;
+}
+
 async fn concurrent_identical_stores_make_one_row(backend: Backend) {
     let server = TestServer::start(backend).await;
     let stores = (0..32).map(|_| {
