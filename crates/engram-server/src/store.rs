@@ -2444,7 +2444,79 @@ fn values_rows(backend: DbBackend, postgres_types: &[&str], rows: usize) -> Stri
 
 #[cfg(test)]
 mod tests {
+    use migration::{Migrator, MigratorTrait};
+    use sea_orm::EntityTrait;
+
     use super::*;
+
+    fn memory(content: &str, importance: f64, now: DateTime<Utc>) -> NewMemory {
+        NewMemory {
+            content_type: ContentType::Fact,
+            content: content.to_owned(),
+            content_hash: text::content_hash(content),
+            semantic_hash: text::semantic_hash(content),
+            metadata: serde_json::Map::new(),
+            importance,
+            expires_at: now + Duration::days(30),
+        }
+    }
+
+    /// The SQLite insert ignores every constraint, not only the unique one (`insert_fresh`):
+    /// a row the CHECK refuses must fail its call, not be acknowledged, and must not fail
+    /// the calls written beside it.
+    #[tokio::test]
+    async fn a_row_refused_by_a_check_fails_only_its_own_call() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            directory.path().join("check.db").display()
+        );
+        let pool = connect(&url, 2).await.expect("pool");
+        Migrator::up(&pool, None).await.expect("migrations");
+        let writer = connect_writer(&url, &pool).expect("writer");
+        let policy = Policy {
+            max_entries: 100,
+            similarity_max_distance: 3,
+            soft_delete_retention: Duration::days(30),
+            cleanup_after: Duration::days(90),
+        };
+        let store = MemoryStore::new(pool.clone(), writer, policy, 0);
+        let now = Utc::now();
+        let call = |session: &str, memories: Vec<NewMemory>| {
+            let (store, session) = (store.clone(), SessionId::parse(session).expect("id"));
+            async move {
+                store
+                    .store("default".to_owned(), session, memories, now, None, |_| ())
+                    .await
+            }
+        };
+
+        let (refused, accepted) = tokio::join!(
+            call(
+                "refused",
+                vec![
+                    memory("kept only if valid", 0.5, now),
+                    memory("out of range", 1.5, now)
+                ],
+            ),
+            call("accepted", vec![memory("a valid fact", 0.5, now)]),
+        );
+
+        assert!(refused.is_err(), "an importance above 1 was acknowledged");
+        accepted.expect("the valid call beside it");
+        let stored: Vec<String> = Memories::find()
+            .all(&pool)
+            .await
+            .expect("rows")
+            .into_iter()
+            .map(|memory| memory.session_id)
+            .collect();
+        assert_eq!(
+            stored,
+            ["accepted"],
+            "nothing of the refused call is stored"
+        );
+    }
 
     async fn version_in_transaction(writer: &Writer) -> Version {
         let transaction = writer.begin(std::iter::empty()).await.expect("begin");
