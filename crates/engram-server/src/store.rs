@@ -2449,6 +2449,14 @@ mod tests {
 
     use super::*;
 
+    /// A SQLite URL of a file in a directory removed when the returned guard is dropped.
+    fn temporary_database() -> (tempfile::TempDir, String) {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let file = directory.path().join("engram.db");
+        let url = format!("sqlite://{}?mode=rwc", file.display());
+        (directory, url)
+    }
+
     fn memory(content: &str, importance: f64, now: DateTime<Utc>) -> NewMemory {
         NewMemory {
             content_type: ContentType::Fact,
@@ -2466,11 +2474,7 @@ mod tests {
     /// the calls written beside it.
     #[tokio::test]
     async fn a_row_refused_by_a_check_fails_only_its_own_call() {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            directory.path().join("check.db").display()
-        );
+        let (_directory, url) = temporary_database();
         let pool = connect(&url, 2).await.expect("pool");
         Migrator::up(&pool, None).await.expect("migrations");
         let writer = connect_writer(&url, &pool).expect("writer");
@@ -2529,11 +2533,7 @@ mod tests {
     /// connection and nobody else committed.
     #[tokio::test]
     async fn the_writer_version_tells_other_commits_and_other_connections() {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let url = format!(
-            "sqlite://{}?mode=rwc",
-            directory.path().join("version.db").display()
-        );
+        let (_directory, url) = temporary_database();
         let pool = connect(&url, 2).await.expect("pool");
         pool.execute_unprepared("CREATE TABLE other (x INTEGER)")
             .await
