@@ -2478,12 +2478,7 @@ mod tests {
         let pool = connect(&url, 2).await.expect("pool");
         Migrator::up(&pool, None).await.expect("migrations");
         let writer = connect_writer(&url, &pool).expect("writer");
-        let policy = Policy {
-            max_entries: 100,
-            similarity_max_distance: 3,
-            soft_delete_retention: Duration::days(30),
-            cleanup_after: Duration::days(90),
-        };
+        let policy = crate::server::policy(&crate::settings::Settings::default());
         let store = MemoryStore::new(pool.clone(), writer, policy, 0);
         let now = Utc::now();
         let call = |session: &str, memories: Vec<NewMemory>| {
@@ -2506,7 +2501,11 @@ mod tests {
             call("accepted", vec![memory("a valid fact", 0.5, now)]),
         );
 
-        assert!(refused.is_err(), "an importance above 1 was acknowledged");
+        // Not Unavailable: a retry cannot cure it.
+        assert!(
+            matches!(refused, Err(MemoryError::Internal(_))),
+            "an importance above 1 was acknowledged or reported as retryable: {refused:?}"
+        );
         accepted.expect("the valid call beside it");
         let stored: Vec<String> = Memories::find()
             .all(&pool)
