@@ -1,7 +1,8 @@
 //! The SQLite writer's own connection, driven on the thread that calls it. sqlx runs every
 //! SQLite connection on a thread of its own, so each statement of a store group cost two
 //! thread wake-ups, and the writer and that thread spent much of each group waiting for the
-//! other. The statements stay sea-query's, built as for any SQLite connection.
+//! other. Most statements stay sea-query's, built as for any SQLite connection; the group's
+//! insert binds its rows' fields directly (`SqliteTransaction::query_bound`).
 //!
 //! The store groups and the access flushes share the connection, one transaction at a time:
 //! its own commits leave `PRAGMA data_version` as it was, so the writer keeps trusting what
@@ -11,9 +12,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::SecondsFormat;
-use rusqlite::types::{FromSql, Value as Sqlite};
-use rusqlite::{Connection, OpenFlags, Row};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::types::{FromSql, ToSqlOutput, Value as Sqlite};
+use rusqlite::{Connection, OpenFlags, Row, ToSql};
 use sea_orm::{DbErr, RuntimeErr, Statement, TryGetableMany, Value};
 
 /// Prepared statements kept: a group's statements vary with its number of rows.
@@ -73,7 +74,8 @@ impl DirectSqlite {
 
     /// Runs a statement that reads nothing (rows it returns are stepped through and dropped).
     fn execute(&self, statement: Statement) -> Result<(), DbErr> {
-        self.run(statement, |_| Ok(()))
+        let (sql, values) = bindable(statement);
+        self.run(&sql, values, |_| Ok(()))
     }
 
     fn execute_unprepared(&self, sql: &str) -> Result<(), DbErr> {
@@ -82,8 +84,17 @@ impl DirectSqlite {
 
     /// The rows of a statement, each read into `T` column by column.
     fn query<T: Columns>(&self, statement: Statement) -> Result<Vec<T>, DbErr> {
+        let (sql, values) = bindable(statement);
+        self.query_bound(&sql, values)
+    }
+
+    fn query_bound<T: Columns>(
+        &self,
+        sql: &str,
+        values: impl IntoIterator<Item = Result<impl ToSql, DbErr>>,
+    ) -> Result<Vec<T>, DbErr> {
         let mut read = Vec::new();
-        self.run(statement, |row| {
+        self.run(sql, values, |row| {
             read.push(T::from_sqlite(row).map_err(database_error)?);
             Ok(())
         })?;
@@ -92,17 +103,15 @@ impl DirectSqlite {
 
     fn run(
         &self,
-        statement: Statement,
+        sql: &str,
+        values: impl IntoIterator<Item = Result<impl ToSql, DbErr>>,
         mut each_row: impl FnMut(&Row<'_>) -> Result<(), DbErr>,
     ) -> Result<(), DbErr> {
         let connection = self.connection.lock().expect("the writer's connection");
-        let mut prepared = connection
-            .prepare_cached(&statement.sql)
-            .map_err(database_error)?;
-        let values = statement.values.map_or_else(Vec::new, |values| values.0);
+        let mut prepared = connection.prepare_cached(sql).map_err(database_error)?;
         for (index, value) in values.into_iter().enumerate() {
             prepared
-                .raw_bind_parameter(index + 1, to_sqlite(value)?)
+                .raw_bind_parameter(index + 1, value?)
                 .map_err(database_error)?;
         }
         let mut rows = prepared.raw_query();
@@ -120,6 +129,17 @@ impl SqliteTransaction<'_> {
 
     pub fn query<T: Columns>(&self, statement: Statement) -> Result<Vec<T>, DbErr> {
         self.sqlite.query(statement)
+    }
+
+    /// The rows of `sql` with `values` bound in order, for a statement built here rather
+    /// than by sea-query: a store group's insert binds its rows' fields without copying
+    /// them into sea-query values first. Bind as [`to_sqlite`] does (see [`timestamp`]).
+    pub fn query_bound<'v, T: Columns>(
+        &self,
+        sql: &str,
+        values: impl IntoIterator<Item = ToSqlOutput<'v>>,
+    ) -> Result<Vec<T>, DbErr> {
+        self.sqlite.query_bound(sql, values.into_iter().map(Ok))
     }
 
     pub fn commit(mut self) -> Result<(), DbErr> {
@@ -167,6 +187,12 @@ columns_of_tuple!(A 0, B 1);
 columns_of_tuple!(A 0, B 1, C 2);
 columns_of_tuple!(A 0, B 1, C 2, D 3);
 
+/// A sea-query statement's SQL, and its values as [`to_sqlite`] binds them.
+fn bindable(statement: Statement) -> (String, impl Iterator<Item = Result<Sqlite, DbErr>>) {
+    let values = statement.values.map_or_else(Vec::new, |values| values.0);
+    (statement.sql, values.into_iter().map(to_sqlite))
+}
+
 /// A parameter as sqlx's SQLite driver binds it, so the pool's connections read what the
 /// writer wrote exactly as their own writes: timestamps as RFC 3339 text, JSON as its text.
 fn to_sqlite(value: Value) -> Result<Sqlite, DbErr> {
@@ -178,9 +204,7 @@ fn to_sqlite(value: Value) -> Result<Sqlite, DbErr> {
         Value::String(value) => value.map(Sqlite::Text),
         Value::Bytes(value) => value.map(Sqlite::Blob),
         Value::Json(value) => value.map(|value| Sqlite::Text(value.to_string())),
-        Value::ChronoDateTimeUtc(value) => {
-            value.map(|value| Sqlite::Text(value.to_rfc3339_opts(SecondsFormat::AutoSi, false)))
-        }
+        Value::ChronoDateTimeUtc(value) => value.map(|value| Sqlite::Text(timestamp(&value))),
         _ => {
             return Err(DbErr::Custom(
                 "a parameter of a type the SQLite writer does not bind".to_owned(),
@@ -188,6 +212,11 @@ fn to_sqlite(value: Value) -> Result<Sqlite, DbErr> {
         }
     };
     Ok(value.unwrap_or(Sqlite::Null))
+}
+
+/// A timestamp as sqlx's SQLite driver binds it: RFC 3339 text.
+pub fn timestamp(value: &DateTime<Utc>) -> String {
+    value.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
 /// SQLITE_BUSY and SQLITE_LOCKED mean another connection held its write lock past the busy

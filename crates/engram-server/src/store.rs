@@ -20,6 +20,7 @@ use engram_domain::names::{MemoryName, SessionId, SessionScope};
 use engram_domain::paging::PageCursor;
 use engram_domain::ranking::{Ranked, by_rank, choose_evictions, effective_importance, keep_first};
 use engram_domain::{etag, limits, text};
+use rusqlite::types::{Null, ToSqlOutput};
 use sea_orm::sea_query::{Expr, Query};
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
@@ -34,7 +35,7 @@ use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
 use crate::live_sets::{LiveSets, Sketch, Version};
 use crate::session_cache::{SessionCache, SessionKey};
-use crate::sqlite_writer::{Columns, DirectSqlite, SqliteTransaction};
+use crate::sqlite_writer::{Columns, DirectSqlite, SqliteTransaction, timestamp};
 
 use row::{Column, Entity as Memories};
 
@@ -1371,18 +1372,21 @@ impl Tables {
         DbErr,
     > {
         let rows = || fresh.iter().flatten();
-        let WriteTransaction::Pooled(postgres) = transaction else {
-            let live = self.live_before(transaction, group, writing).await?;
-            let inserted = insert_fresh(transaction, rows()).await?;
-            let keys = rows()
-                .filter(|memory| !inserted.contains(&memory.id))
-                .map(twin_key)
-                .collect();
-            let twins = self
-                .accesses
-                .read(|| fetch_by_keys(transaction, &keys))
-                .await?;
-            return Ok((live, inserted, twins));
+        let postgres = match transaction {
+            WriteTransaction::Pooled(postgres) => postgres,
+            WriteTransaction::Direct(sqlite) => {
+                let live = self.live_before(transaction, group, writing).await?;
+                let inserted = insert_fresh(sqlite, rows())?;
+                let keys = rows()
+                    .filter(|memory| !inserted.contains(&memory.id))
+                    .map(twin_key)
+                    .collect();
+                let twins = self
+                    .accesses
+                    .read(|| fetch_by_keys(transaction, &keys))
+                    .await?;
+                return Ok((live, inserted, twins));
+            }
         };
         let (incoming, earliest) = incoming(group, writing);
         let sessions: Vec<&SessionKey> = incoming.keys().collect();
@@ -1885,6 +1889,15 @@ fn twin_key(memory: &row::Model) -> TwinKey {
     )
 }
 
+/// The columns of `memories` in the order the statements written here list them.
+macro_rules! memory_columns {
+    () => {
+        "id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
+         metadata, importance, expires_at, access_count, last_accessed, created_at, \
+         updated_at, deleted_at"
+    };
+}
+
 /// SQLite: inserts the rows that have no twin yet, in order (a later row of the same content
 /// is the earlier one's twin); returns the ids inserted. The unique constraint decides.
 ///
@@ -1893,27 +1906,65 @@ fn twin_key(memory: &row::Model) -> TwinKey {
 /// the insert touches to a statement journal first (about 5 % of the writer's time). Rows are
 /// validated before they get here; one skipped for any other constraint has no twin either,
 /// so `write_calls` fails its call rather than acknowledging it.
-async fn insert_fresh<'a>(
-    transaction: &WriteTransaction<'_>,
+fn insert_fresh<'a>(
+    transaction: &SqliteTransaction<'_>,
     rows: impl Iterator<Item = &'a row::Model>,
 ) -> Result<HashSet<String>, DbErr> {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
     let rows: Vec<&row::Model> = rows.collect();
     let mut inserted = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut insert = Memories::insert_many(
-            chunk
-                .iter()
-                .map(|memory| (*memory).clone().into_active_model().reset_all()),
+        let sql = format!(
+            "INSERT OR IGNORE INTO memories ({}) VALUES {} RETURNING id",
+            memory_columns!(),
+            vec![ROW; chunk.len()].join(", "),
         );
-        QueryTrait::query(&mut insert).returning_col(Column::Id);
-        // sea-query has no `OR IGNORE`.
-        let mut statement = insert.build(DbBackend::Sqlite);
-        statement.sql = statement
-            .sql
-            .replacen("INSERT INTO", "INSERT OR IGNORE INTO", 1);
-        inserted.extend(transaction.query::<String>(statement).await?);
+        let values = chunk.iter().flat_map(|memory| sqlite_values(memory));
+        inserted.extend(transaction.query_bound::<String>(&sql, values)?);
     }
     Ok(inserted)
+}
+
+/// A fresh row's fields as [`insert_fresh`] binds them, in `memory_columns!` order: as
+/// sea-query's values would bind (`sqlite_writer::to_sqlite`), without copying them first.
+fn sqlite_values(memory: &row::Model) -> [ToSqlOutput<'_>; 15] {
+    let row::Model {
+        id,
+        tenant_id,
+        session_id,
+        content_type,
+        content,
+        content_hash,
+        semantic_hash,
+        metadata,
+        importance,
+        expires_at,
+        access_count,
+        last_accessed,
+        created_at,
+        updated_at,
+        deleted_at,
+    } = memory;
+    let null = || ToSqlOutput::from(Null);
+    let time =
+        |at: &Option<DateTime<Utc>>| at.as_ref().map_or_else(null, |at| timestamp(at).into());
+    [
+        id.as_str().into(),
+        tenant_id.as_str().into(),
+        session_id.as_str().into(),
+        content_type.as_str().into(),
+        content.as_str().into(),
+        content_hash.as_str().into(),
+        semantic_hash.as_deref().map_or_else(null, Into::into),
+        metadata.to_string().into(),
+        (*importance).into(),
+        time(expires_at),
+        (*access_count).into(),
+        time(last_accessed),
+        timestamp(created_at).into(),
+        timestamp(updated_at).into(),
+        time(deleted_at),
+    ]
 }
 
 /// PostgreSQL: [`insert_fresh`], and from the snapshot before it the live memories of
@@ -1929,7 +1980,8 @@ async fn insert_and_read_postgres<'a>(
     now: DateTime<Utc>,
     fresh: impl Iterator<Item = &'a row::Model>,
 ) -> Result<(HashSet<String>, Vec<SessionLive>, Vec<row::Model>), DbErr> {
-    const STATEMENT: &str = "\
+    const STATEMENT: &str = concat!(
+        "\
         WITH fresh AS (\
           SELECT * FROM jsonb_to_recordset($1::jsonb) AS f(\
             position integer, id text, tenant_id text, session_id text, content_type text, \
@@ -1938,12 +1990,12 @@ async fn insert_and_read_postgres<'a>(
             last_accessed timestamptz, created_at timestamptz, updated_at timestamptz, \
             deleted_at timestamptz)\
         ), inserted AS (\
-          INSERT INTO memories (id, tenant_id, session_id, content_type, content, content_hash, \
-            semantic_hash, metadata, importance, expires_at, access_count, last_accessed, \
-            created_at, updated_at, deleted_at) \
-          SELECT id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
-            metadata, importance, expires_at, access_count, last_accessed, created_at, \
-            updated_at, deleted_at FROM fresh ORDER BY position \
+          INSERT INTO memories (",
+        memory_columns!(),
+        ") \
+          SELECT ",
+        memory_columns!(),
+        " FROM fresh ORDER BY position \
           ON CONFLICT (tenant_id, session_id, content_type, content_hash) DO NOTHING \
           RETURNING id\
         ), live AS (\
@@ -1968,7 +2020,8 @@ async fn insert_and_read_postgres<'a>(
         ) \
         SELECT (SELECT coalesce(json_agg(id), '[]') FROM inserted)::text, \
           (SELECT coalesce(json_agg(live), '[]') FROM live)::text, \
-          (SELECT coalesce(json_agg(twin), '[]') FROM twins)::text";
+          (SELECT coalesce(json_agg(twin), '[]') FROM twins)::text"
+    );
     let fresh: Vec<serde_json::Value> = fresh
         .enumerate()
         .map(|(position, memory)| fresh_json(position, memory))
@@ -2519,6 +2572,74 @@ mod tests {
             ["accepted"],
             "nothing of the refused call is stored"
         );
+    }
+
+    /// The writer binds a group's rows itself (`sqlite_values`): the pool reads every field
+    /// back as written, each from its own column, and a twin of an earlier row stays out.
+    #[tokio::test]
+    async fn the_writer_insert_reads_back_field_by_field_through_the_pool() {
+        use chrono::TimeZone;
+        let (_directory, url) = temporary_database();
+        let pool = connect(&url, 2).await.expect("pool");
+        Migrator::up(&pool, None).await.expect("migrations");
+        let writer = connect_writer(&url, &pool).expect("writer");
+        let Writer::Sqlite(sqlite) = &writer else {
+            panic!("SQLite stores through the writer's own connection");
+        };
+        let at = |seconds: i64, nanoseconds: u32| {
+            Utc.timestamp_opt(1_764_000_000 + seconds, nanoseconds)
+                .unwrap()
+        };
+        let every_field_set = row::Model {
+            id: "every-field-set".to_owned(),
+            tenant_id: "tenant".to_owned(),
+            session_id: "session".to_owned(),
+            content_type: ContentType::Preference.as_str().to_owned(),
+            content: "prefers 'green' tea, ünïcode".to_owned(),
+            content_hash: text::content_hash("prefers green tea"),
+            semantic_hash: Some(text::format_semantic_hash(text::semantic_hash("tea"))),
+            metadata: serde_json::json!({"z": [1, "é\"\n"], "n": 0.1}),
+            importance: 0.1,
+            expires_at: Some(at(1, 123_456_789)),
+            access_count: 7,
+            last_accessed: Some(at(2, 0)),
+            created_at: at(3, 5),
+            updated_at: at(4, 0),
+            deleted_at: Some(at(5, 0)),
+        };
+        let optional_fields_unset = row::Model {
+            id: "optional-fields-unset".to_owned(),
+            content_hash: text::content_hash("another fact"),
+            semantic_hash: None,
+            expires_at: None,
+            last_accessed: None,
+            deleted_at: None,
+            ..every_field_set.clone()
+        };
+        let twin = row::Model {
+            id: "twin".to_owned(),
+            ..every_field_set.clone()
+        };
+
+        let transaction = sqlite.begin().await.expect("begin");
+        let inserted = insert_fresh(
+            &transaction,
+            [&every_field_set, &optional_fields_unset, &twin].into_iter(),
+        )
+        .expect("insert");
+        transaction.commit().expect("commit");
+
+        let expected = [every_field_set, optional_fields_unset];
+        assert_eq!(
+            inserted,
+            expected.iter().map(|memory| memory.id.clone()).collect()
+        );
+        let read = Memories::find()
+            .order_by_asc(Column::Id)
+            .all(&pool)
+            .await
+            .expect("rows");
+        assert_eq!(read, expected);
     }
 
     async fn version_in_transaction(writer: &Writer) -> Version {
