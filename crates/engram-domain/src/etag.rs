@@ -5,6 +5,9 @@ use sha2::{Digest, Sha256};
 
 use crate::entity::memory;
 
+/// The length of an etag.
+pub const ETAG_LEN: usize = 16;
+
 /// 16 hex digits over the memory's user-visible state; access tracking does not change it.
 pub fn memory_etag(memory: &memory::Model) -> String {
     let micros = |at: Option<DateTime<Utc>>| at.map_or(i64::MIN, |at| at.timestamp_micros());
@@ -23,7 +26,7 @@ pub fn memory_etag(memory: &memory::Model) -> String {
         digest.update(micros(at).to_be_bytes());
     }
     let head: [u8; 8] = digest.finalize()[..8].try_into().expect("8 of 32 bytes");
-    format!("{:016x}", u64::from_be_bytes(head))
+    format!("{:0ETAG_LEN$x}", u64::from_be_bytes(head))
 }
 
 #[cfg(test)]

@@ -21,6 +21,11 @@ pub struct View {
 
 impl View {
     pub fn memory(&self, row: &row::Model) -> pb::Memory {
+        self.memory_with_etag(row, etag::memory_etag(row))
+    }
+
+    /// [`Self::memory`] with its etag known already (`CachedMemory::etag`).
+    pub fn memory_with_etag(&self, row: &row::Model, etag: String) -> pb::Memory {
         let row::Model {
             id,
             // The caller's own: the resource name is relative to its tenant.
@@ -62,7 +67,7 @@ impl View {
             update_time: Some(timestamp(*updated_at)),
             delete_time: deleted_at.map(timestamp),
             purge_time: deleted_at.map(|at| timestamp(at + self.soft_delete_retention)),
-            etag: etag::memory_etag(row),
+            etag,
         }
     }
 }

@@ -485,7 +485,7 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
                     limit,
                 },
                 now,
-                |memory| view.memory(memory),
+                |memory| view.memory_with_etag(memory, memory.etag().to_owned()),
             )
             .await?;
         Ok(Response::new(pb::RetrieveMemoriesResponse { memories }))

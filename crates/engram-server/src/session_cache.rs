@@ -8,14 +8,19 @@
 //! (generations, striped by session), and no entry is older than `max_age`: that bounds what a
 //! lost notification or another replica's access counts can leave stale.
 
+use std::cell::OnceCell;
 use std::collections::HashSet;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::ops::Deref;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use engram_domain::entity::memory as row;
+use engram_domain::etag;
 use lru::LruCache;
+
+use crate::access::{Accesses, Tracked};
 
 /// A session of a tenant.
 pub type SessionKey = (String, String);
@@ -38,9 +43,49 @@ struct Inner {
 }
 
 struct Entry {
-    memories: Vec<row::Model>,
+    memories: Vec<CachedMemory>,
     bytes: usize,
     loaded_at: Instant,
+}
+
+/// A cached memory and, once asked for, its etag: the next turns render the same memories
+/// again, and the etag (a SHA-256 of the row) was a tenth of a retrieval's CPU. Only access
+/// tracking changes a cached row in place, and the etag does not cover it; any other change
+/// replaces the row, and the etag with it.
+pub struct CachedMemory {
+    row: row::Model,
+    etag: OnceCell<String>,
+}
+
+impl CachedMemory {
+    fn new(row: row::Model) -> Self {
+        Self {
+            row,
+            etag: OnceCell::new(),
+        }
+    }
+
+    pub fn etag(&self) -> &str {
+        self.etag.get_or_init(|| etag::memory_etag(&self.row))
+    }
+}
+
+impl Deref for CachedMemory {
+    type Target = row::Model;
+
+    fn deref(&self) -> &row::Model {
+        &self.row
+    }
+}
+
+impl Tracked for CachedMemory {
+    fn id(&self) -> &str {
+        &self.row.id
+    }
+
+    fn add_accesses(&mut self, accesses: Accesses) {
+        self.row.add_accesses(accesses);
+    }
 }
 
 /// Taken before a load: the load is kept only if its session's stripe has not moved since.
@@ -71,7 +116,7 @@ impl SessionCache {
     pub fn with_cached<R>(
         &self,
         key: &SessionKey,
-        use_memories: impl FnOnce(&mut Vec<row::Model>) -> R,
+        use_memories: impl FnOnce(&mut [CachedMemory]) -> R,
     ) -> Result<R, Ticket> {
         let mut inner = self.lock();
         let stripe = stripe_of(key);
@@ -95,9 +140,10 @@ impl SessionCache {
         &self,
         key: SessionKey,
         ticket: Ticket,
-        mut loaded: Vec<row::Model>,
-        use_memories: impl FnOnce(&mut Vec<row::Model>) -> R,
+        loaded: Vec<row::Model>,
+        use_memories: impl FnOnce(&mut [CachedMemory]) -> R,
     ) -> R {
+        let mut loaded: Vec<CachedMemory> = loaded.into_iter().map(CachedMemory::new).collect();
         let mut inner = self.lock();
         if inner.serving
             && let Some(entry) = inner.sessions.get_mut(&key)
@@ -106,7 +152,7 @@ impl SessionCache {
         }
         let unchanged = inner.serving && inner.generations[ticket.stripe] == ticket.generation;
         let bytes = if unchanged {
-            loaded.iter().map(estimated_bytes).sum()
+            loaded.iter().map(|memory| estimated_bytes(memory)).sum()
         } else {
             0
         };
@@ -155,11 +201,15 @@ impl SessionCache {
                 .iter_mut()
                 .find(|cached| cached.id == memory.id)
             {
-                Some(cached) => *cached = memory,
-                None => entry.memories.push(memory),
+                Some(cached) => *cached = CachedMemory::new(memory),
+                None => entry.memories.push(CachedMemory::new(memory)),
             }
         }
-        let bytes: usize = entry.memories.iter().map(estimated_bytes).sum();
+        let bytes: usize = entry
+            .memories
+            .iter()
+            .map(|memory| estimated_bytes(memory))
+            .sum();
         let before = std::mem::replace(&mut entry.bytes, bytes);
         inner.bytes = inner.bytes - before + bytes;
         inner.evict_beyond(self.budget_bytes);
@@ -220,8 +270,8 @@ fn stripe_of(key: &SessionKey) -> usize {
     (hasher.finish() % STRIPES as u64) as usize
 }
 
-/// Roughly what a memory occupies: the struct, its strings and its metadata (its JSON text
-/// length twice over for the tree's allocations).
+/// Roughly what a cached memory occupies: the struct, its strings, its metadata (its JSON
+/// text length twice over for the tree's allocations) and its etag.
 fn estimated_bytes(memory: &row::Model) -> usize {
     let row::Model {
         id,
@@ -234,7 +284,8 @@ fn estimated_bytes(memory: &row::Model) -> usize {
         metadata,
         ..
     } = memory;
-    std::mem::size_of::<row::Model>()
+    std::mem::size_of::<CachedMemory>()
+        + etag::ETAG_LEN
         + id.len()
         + tenant_id.len()
         + session_id.len()
@@ -275,8 +326,15 @@ mod tests {
         ("t".to_owned(), session.to_owned())
     }
 
-    fn ids(memories: &[row::Model]) -> Vec<String> {
+    fn ids(memories: &[CachedMemory]) -> Vec<String> {
         memories.iter().map(|memory| memory.id.clone()).collect()
+    }
+
+    fn one_access() -> Accesses {
+        Accesses {
+            count: 1,
+            last: Utc::now(),
+        }
     }
 
     fn cache() -> SessionCache {
@@ -331,10 +389,10 @@ mod tests {
         let cache = cache();
         let ticket = miss(&cache, "s");
         cache.fill(key("s"), ticket, vec![memory("a", "x")], |m| {
-            m[0].access_count += 1
+            m[0].add_accesses(one_access())
         });
         cache
-            .with_cached(&key("s"), |m| m[0].access_count += 1)
+            .with_cached(&key("s"), |m| m[0].add_accesses(one_access()))
             .expect("cached");
         let count = cache
             .with_cached(&key("s"), |m| m[0].access_count)
@@ -350,7 +408,7 @@ mod tests {
         let late = miss(&cache, "s");
         // The early load is refused; the accesses it records are in no entry...
         cache.fill(key("s"), early, vec![memory("a", "x")], |m| {
-            m[0].access_count += 1
+            m[0].add_accesses(one_access())
         });
         // ...and the late load may have read the database before they were recorded.
         cache.fill(key("s"), late, vec![memory("a", "x")], |_| ());
@@ -378,6 +436,34 @@ mod tests {
         let other_kept = stripe_of(&key("other")) != stripe_of(&key("s"));
         cache.fill(key("other"), in_flight, vec![], |_| ());
         assert_eq!(is_cached(&cache, "other"), other_kept);
+    }
+
+    #[test]
+    fn a_cached_etag_is_that_of_the_row_cached_now() {
+        let cache = cache();
+        let original = memory("a", "x");
+        load(&cache, "s", vec![original.clone()]);
+        let cached_etag = |cache: &SessionCache| {
+            cache
+                .with_cached(&key("s"), |m| m[0].etag().to_owned())
+                .expect("cached")
+        };
+        assert_eq!(cached_etag(&cache), etag::memory_etag(&original));
+        cache
+            .with_cached(&key("s"), |m| m[0].add_accesses(one_access()))
+            .expect("cached");
+        assert_eq!(
+            cached_etag(&cache),
+            etag::memory_etag(&original),
+            "accesses do not change it"
+        );
+        let changed = row::Model {
+            importance: 0.9,
+            ..original.clone()
+        };
+        cache.apply(&key("s"), [changed.clone()], &HashSet::new());
+        assert_ne!(etag::memory_etag(&changed), etag::memory_etag(&original));
+        assert_eq!(cached_etag(&cache), etag::memory_etag(&changed));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! written behind (`crate::access`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration as StdDuration;
@@ -34,7 +35,7 @@ use crate::auth::Caller;
 use crate::error::MemoryError;
 use crate::group_commit::{PendingStore, StoreQueue};
 use crate::live_sets::{LiveSets, Sketch, Version};
-use crate::session_cache::{SessionCache, SessionKey};
+use crate::session_cache::{CachedMemory, SessionCache, SessionKey};
 use crate::sqlite_writer::{Columns, DirectSqlite, SqliteTransaction, timestamp};
 
 use row::{Column, Entity as Memories};
@@ -834,7 +835,7 @@ impl MemoryStore {
         &self,
         query: RetrieveQuery,
         now: DateTime<Utc>,
-        render: impl Fn(&row::Model) -> T,
+        render: impl Fn(&CachedMemory) -> T,
     ) -> Result<Vec<T>, MemoryError> {
         let RetrieveQuery {
             tenant,
@@ -849,7 +850,7 @@ impl MemoryStore {
                     .iter()
                     .any(|kind| kind.as_str() == memory.content_type)
         };
-        let choose = |memories: &mut Vec<row::Model>| {
+        let choose = |memories: &mut [CachedMemory]| {
             let mut ranking: Vec<(Ranked, usize)> = memories
                 .iter()
                 .enumerate()
@@ -888,8 +889,11 @@ impl MemoryStore {
         now: DateTime<Utc>,
         render: impl Fn(&row::Model, u32) -> T,
     ) -> Result<Vec<T>, MemoryError> {
-        let near = |memories: &mut Vec<row::Model>| {
-            let live = memories.iter().filter(|memory| is_live_at(memory, now));
+        let near = |memories: &mut [CachedMemory]| {
+            let live = memories
+                .iter()
+                .map(Deref::deref)
+                .filter(|memory| is_live_at(memory, now));
             nearest(semantic_hash, live, max_distance)
                 .into_iter()
                 .map(|(memory, distance)| render(memory, distance))
@@ -905,7 +909,7 @@ impl MemoryStore {
         tenant: &str,
         session: &SessionId,
         now: DateTime<Utc>,
-        mut use_memories: impl FnMut(&mut Vec<row::Model>) -> R,
+        mut use_memories: impl FnMut(&mut [CachedMemory]) -> R,
     ) -> Result<R, DbErr> {
         let key: SessionKey = (tenant.to_owned(), session.as_str().to_owned());
         let ticket = match self.cache.with_cached(&key, &mut use_memories) {
