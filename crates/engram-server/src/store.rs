@@ -1902,6 +1902,9 @@ macro_rules! memory_columns {
     };
 }
 
+/// How many columns `memory_columns!` lists, and so how many values `sqlite_values` binds.
+const MEMORY_COLUMNS: usize = 15;
+
 /// SQLite: inserts the rows that have no twin yet, in order (a later row of the same content
 /// is the earlier one's twin); returns the ids inserted. The unique constraint decides.
 ///
@@ -1914,14 +1917,14 @@ fn insert_fresh<'a>(
     transaction: &SqliteTransaction<'_>,
     rows: impl Iterator<Item = &'a row::Model>,
 ) -> Result<HashSet<String>, DbErr> {
-    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let one_row = format!("({})", ["?"; MEMORY_COLUMNS].join(", "));
     let rows: Vec<&row::Model> = rows.collect();
     let mut inserted = HashSet::with_capacity(rows.len());
     for chunk in rows.chunks(INSERT_CHUNK) {
         let sql = format!(
             "INSERT OR IGNORE INTO memories ({}) VALUES {} RETURNING id",
             memory_columns!(),
-            vec![ROW; chunk.len()].join(", "),
+            vec![one_row.as_str(); chunk.len()].join(", "),
         );
         let values = chunk.iter().flat_map(|memory| sqlite_values(memory));
         inserted.extend(transaction.query_bound::<String>(&sql, values)?);
@@ -1931,7 +1934,7 @@ fn insert_fresh<'a>(
 
 /// A fresh row's fields as [`insert_fresh`] binds them, in `memory_columns!` order: as
 /// sea-query's values would bind (`sqlite_writer::to_sqlite`), without copying them first.
-fn sqlite_values(memory: &row::Model) -> [ToSqlOutput<'_>; 15] {
+fn sqlite_values(memory: &row::Model) -> [ToSqlOutput<'_>; MEMORY_COLUMNS] {
     let row::Model {
         id,
         tenant_id,
