@@ -15,7 +15,7 @@ use engram_domain::names::SessionId;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::error::MemoryError;
-use crate::store::{RequestRecord, StoreOutcome, Tables, WRITER_CHECKPOINT_INTERVAL};
+use crate::store::{RequestRecord, StoreOutcome, Tables};
 
 /// Most calls in one group, and most memories (a batch call brings up to 100).
 const MAX_GROUP_CALLS: usize = 256;
@@ -179,8 +179,8 @@ async fn write_groups(tables: Tables, queue: Arc<Mutex<mpsc::Receiver<PendingSto
             }
         };
         write_group(&tables, group).await;
-        // After every group until one leaves the log fully copied.
-        if checkpointed.elapsed() >= WRITER_CHECKPOINT_INTERVAL && tables.checkpoint().await {
+        // Between groups, when due, until one leaves the log fully copied.
+        if tables.checkpoint_due(checkpointed.elapsed()) && tables.checkpoint().await {
             checkpointed = Instant::now();
         }
     }

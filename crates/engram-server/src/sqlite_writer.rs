@@ -8,7 +8,7 @@
 //! its own commits leave `PRAGMA data_version` as it was, so the writer keeps trusting what
 //! it remembers of its sessions (`LiveSets`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use sea_orm::{DbErr, RuntimeErr, Statement, TryGetableMany, Value};
 const STATEMENT_CACHE: usize = 128;
 
 pub struct DirectSqlite {
+    file: PathBuf,
     connection: Mutex<Connection>,
     /// Held for a whole transaction, or for a statement run between transactions.
     turn: tokio::sync::Mutex<()>,
@@ -46,9 +47,15 @@ impl DirectSqlite {
         connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         connection.execute_batch(settings).map_err(database_error)?;
         Ok(Self {
+            file: file.to_owned(),
             connection: Mutex::new(connection),
             turn: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// The database file.
+    pub fn file(&self) -> &Path {
+        &self.file
     }
 
     /// Waits for the connection's turn and begins a write transaction. `BEGIN IMMEDIATE`
