@@ -2567,6 +2567,16 @@ mod tests {
         (directory, url)
     }
 
+    /// A migrated temporary SQLite database, its URL and a pool of `connections` on it.
+    async fn migrated_database(
+        connections: u32,
+    ) -> (tempfile::TempDir, String, DatabaseConnection) {
+        let (directory, url) = temporary_database();
+        let pool = connect(&url, connections).await.expect("pool");
+        Migrator::up(&pool, None).await.expect("migrations");
+        (directory, url, pool)
+    }
+
     fn memory(content: &str, importance: f64, now: DateTime<Utc>) -> NewMemory {
         NewMemory {
             content_type: ContentType::Fact,
@@ -2598,9 +2608,7 @@ mod tests {
     /// not while a reader's snapshot holds frames back.
     #[tokio::test]
     async fn the_copy_beside_the_writer_succeeds_only_when_every_frame_is_copied() {
-        let (_directory, url) = temporary_database();
-        let pool = connect(&url, 3).await.expect("pool");
-        Migrator::up(&pool, None).await.expect("migrations");
+        let (_directory, url, pool) = migrated_database(3).await;
         let file = sqlite_file(&url).expect("a database file");
         assert!(
             copy_log_beside_writer(&pool, &file).await,
@@ -2629,9 +2637,7 @@ mod tests {
     /// the calls written beside it.
     #[tokio::test]
     async fn a_row_refused_by_a_check_fails_only_its_own_call() {
-        let (_directory, url) = temporary_database();
-        let pool = connect(&url, 2).await.expect("pool");
-        Migrator::up(&pool, None).await.expect("migrations");
+        let (_directory, url, pool) = migrated_database(2).await;
         let writer = connect_writer(&url, &pool).expect("writer");
         let policy = crate::server::policy(&crate::settings::Settings::default());
         let store = MemoryStore::new(pool.clone(), writer, policy, 0);
@@ -2681,9 +2687,7 @@ mod tests {
     #[tokio::test]
     async fn the_writer_insert_reads_back_field_by_field_through_the_pool() {
         use chrono::TimeZone;
-        let (_directory, url) = temporary_database();
-        let pool = connect(&url, 2).await.expect("pool");
-        Migrator::up(&pool, None).await.expect("migrations");
+        let (_directory, url, pool) = migrated_database(2).await;
         let writer = connect_writer(&url, &pool).expect("writer");
         let Writer::Sqlite(sqlite) = &writer else {
             panic!("SQLite stores through the writer's own connection");
