@@ -33,12 +33,12 @@ pub struct PendingStore {
     pub reply: Box<dyn Reply>,
 }
 
-/// The caller's side of a pending store: builds its response inside the transaction (kept
-/// with the request_id) and receives it after the commit.
+/// The caller's side of a pending store: receives its outcomes, or its response when that
+/// is kept with the request_id, after the commit.
 pub trait Reply: Send + Sync {
-    /// Builds the response from the outcomes (again if the group is retried call by call);
-    /// returns its encoding when `keep` is set.
-    fn respond(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>>;
+    /// Takes the outcomes (again if the group is retried call by call); when `keep` is set,
+    /// builds the response and returns its encoding.
+    fn receive(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>>;
     /// Takes the kept response of an earlier call with the same request_id.
     fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError>;
     /// Sends the response (or the failure) to the caller.
@@ -48,9 +48,17 @@ pub trait Reply: Send + Sync {
 }
 
 struct TypedReply<R, F> {
-    respond: F,
-    response: Option<R>,
-    caller: oneshot::Sender<Result<R, MemoryError>>,
+    respond: Arc<F>,
+    answer: Option<Answer<R>>,
+    caller: oneshot::Sender<Result<Answer<R>, MemoryError>>,
+}
+
+/// What a caller receives once its group committed. A response kept with a request_id is
+/// built inside the transaction; any other is built by the caller from its outcomes, off the
+/// one writer every store waits for.
+enum Answer<R> {
+    Built(R),
+    Outcomes(Vec<StoreOutcome>),
 }
 
 impl<R, F> Reply for TypedReply<R, F>
@@ -58,11 +66,15 @@ where
     R: prost::Message + Default + Send + Sync + 'static,
     F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
 {
-    fn respond(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>> {
+    fn receive(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>> {
+        if !keep {
+            self.answer = Some(Answer::Outcomes(outcomes));
+            return None;
+        }
         let response = (self.respond)(outcomes);
-        let encoded = keep.then(|| response.encode_to_vec());
-        self.response = Some(response);
-        encoded
+        let encoded = response.encode_to_vec();
+        self.answer = Some(Answer::Built(response));
+        Some(encoded)
     }
 
     fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError> {
@@ -71,14 +83,14 @@ where
                 "undecodable kept response: {error}"
             )))
         })?;
-        self.response = Some(response);
+        self.answer = Some(Answer::Built(response));
         Ok(())
     }
 
     fn finish(self: Box<Self>, failure: Option<MemoryError>) {
-        let result = match (failure, self.response) {
+        let result = match (failure, self.answer) {
             (Some(failure), _) => Err(failure),
-            (None, Some(response)) => Ok(response),
+            (None, Some(answer)) => Ok(answer),
             (None, None) => Err(MemoryError::Internal(sea_orm::DbErr::Custom(
                 "a store finished without a response".to_owned(),
             ))),
@@ -144,6 +156,7 @@ impl StoreQueue {
         F: Fn(Vec<StoreOutcome>) -> R + Send + Sync + 'static,
     {
         let (caller, answer) = oneshot::channel();
+        let respond = Arc::new(respond);
         let pending = PendingStore {
             tenant,
             session,
@@ -151,8 +164,8 @@ impl StoreQueue {
             now,
             record,
             reply: Box::new(TypedReply {
-                respond,
-                response: None,
+                respond: respond.clone(),
+                answer: None,
                 caller,
             }),
         };
@@ -162,7 +175,10 @@ impl StoreQueue {
             ))
         };
         self.sender.send(pending).await.map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?
+        match answer.await.map_err(|_| stopped())?? {
+            Answer::Built(response) => Ok(response),
+            Answer::Outcomes(outcomes) => Ok(respond(outcomes)),
+        }
     }
 }
 
@@ -257,6 +273,66 @@ async fn write_group(tables: &Tables, mut group: Vec<PendingStore>) {
             for pending in group {
                 Box::pin(write_group(tables, vec![pending])).await;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use prost::Message;
+    use prost_types::Timestamp;
+
+    use super::*;
+
+    /// A reply whose response counts the outcomes it was built from; `built` counts builds.
+    fn counting_reply(
+        built: Arc<AtomicUsize>,
+    ) -> (
+        Box<dyn Reply>,
+        oneshot::Receiver<Result<Answer<Timestamp>, MemoryError>>,
+    ) {
+        let (caller, answer) = oneshot::channel();
+        let respond = move |outcomes: Vec<StoreOutcome>| {
+            built.fetch_add(1, Ordering::SeqCst);
+            Timestamp {
+                seconds: outcomes.len() as i64,
+                nanos: 0,
+            }
+        };
+        let reply = TypedReply {
+            respond: Arc::new(respond),
+            answer: None,
+            caller,
+        };
+        (Box::new(reply), answer)
+    }
+
+    #[test]
+    fn the_writer_builds_no_response_that_is_not_kept() {
+        let built = Arc::new(AtomicUsize::new(0));
+        let (mut reply, mut answer) = counting_reply(built.clone());
+        assert_eq!(reply.receive(Vec::new(), false), None);
+        reply.finish(None);
+        assert_eq!(built.load(Ordering::SeqCst), 0);
+        match answer.try_recv() {
+            Ok(Ok(Answer::Outcomes(_))) => {}
+            _ => panic!("the caller should receive the outcomes"),
+        }
+    }
+
+    #[test]
+    fn a_kept_response_is_built_and_encoded_inside_the_transaction() {
+        let built = Arc::new(AtomicUsize::new(0));
+        let (mut reply, mut answer) = counting_reply(built.clone());
+        let encoded = reply.receive(Vec::new(), true).expect("kept");
+        reply.finish(None);
+        assert_eq!(built.load(Ordering::SeqCst), 1);
+        let kept = Timestamp::decode(encoded.as_slice()).expect("an encoded response");
+        match answer.try_recv() {
+            Ok(Ok(Answer::Built(response))) => assert_eq!(response, kept),
+            _ => panic!("the caller should receive the built response"),
         }
     }
 }

@@ -54,7 +54,8 @@ impl MemoryApi {
     }
 }
 
-/// A StoreMemoryResponse; also built by the group-commit writer, so it borrows nothing.
+/// A StoreMemoryResponse; built after the commit, inside it when kept with a request_id, so
+/// it borrows nothing.
 fn store_response(view: View, outcome: StoreOutcome) -> pb::StoreMemoryResponse {
     let StoreOutcome {
         memory,

@@ -1451,7 +1451,8 @@ impl Tables {
         Ok((live, inserted, twins))
     }
 
-    /// Builds each written call's response and keeps those sent with a request_id.
+    /// Hands each written call its outcomes; keeps the responses of those sent with a
+    /// request_id.
     async fn respond(
         &self,
         transaction: &WriteTransaction<'_>,
@@ -1475,7 +1476,7 @@ impl Tables {
                     evicted: call.evicted.clone(),
                 })
                 .collect();
-            let kept = pending.reply.respond(outcomes, pending.record.is_some());
+            let kept = pending.reply.receive(outcomes, pending.record.is_some());
             if let (Some(record), Some(response)) = (&pending.record, kept) {
                 kept_responses.push(memory_request::ActiveModel {
                     tenant_id: ActiveValue::Set(pending.tenant.clone()),
