@@ -50,7 +50,7 @@ pub trait Reply: Send + Sync {
 struct TypedReply<R, F> {
     respond: Arc<F>,
     answer: Option<Answer<R>>,
-    caller: oneshot::Sender<Result<Answer<R>, MemoryError>>,
+    caller: oneshot::Sender<Answered<R>>,
 }
 
 /// What a caller receives once its group committed. A response kept with a request_id is
@@ -60,6 +60,8 @@ enum Answer<R> {
     Built(R),
     Outcomes(Vec<StoreOutcome>),
 }
+
+type Answered<R> = Result<Answer<R>, MemoryError>;
 
 impl<R, F> Reply for TypedReply<R, F>
 where
@@ -289,10 +291,7 @@ mod tests {
     /// A reply whose response counts the outcomes it was built from; `built` counts builds.
     fn counting_reply(
         built: Arc<AtomicUsize>,
-    ) -> (
-        Box<dyn Reply>,
-        oneshot::Receiver<Result<Answer<Timestamp>, MemoryError>>,
-    ) {
+    ) -> (Box<dyn Reply>, oneshot::Receiver<Answered<Timestamp>>) {
         let (caller, answer) = oneshot::channel();
         let respond = move |outcomes: Vec<StoreOutcome>| {
             built.fetch_add(1, Ordering::SeqCst);
