@@ -1,5 +1,6 @@
 //! Closed-loop load: `concurrency` callers spread over the connections, each sending its next
 //! call when the last one answers. Calls that start during the warm-up are not recorded.
+//! A scenario alternates with its ceiling in slices, so both see the same machine.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,6 +19,7 @@ pub type Call = Arc<
         + Sync,
 >;
 
+#[derive(Clone, Copy)]
 pub struct Shape {
     pub concurrency: usize,
     pub warmup: Duration,
@@ -55,6 +57,53 @@ impl Measured {
             .filter(|_| self.ok > 0)
             .map(|seconds| seconds * 1e6 / self.ok as f64)
     }
+
+    /// Adds another slice of the same load.
+    pub fn add(&mut self, other: Measured) {
+        let sum = |a: Option<f64>, b: Option<f64>| Some(a? + b?);
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.seconds += other.seconds;
+        self.latency
+            .add(&other.latency)
+            .expect("same histogram bounds");
+        self.ok = self.latency.len();
+        self.server_cpu = sum(self.server_cpu, other.server_cpu);
+        self.client_cpu = sum(self.client_cpu, other.client_cpu);
+    }
+}
+
+/// Warm-up of every slice but a scenario's first: time for what the other load left behind
+/// (a checkpoint round after stores, an access flush after retrievals) to pass.
+const SLICE_WARMUP: Duration = Duration::from_secs(1);
+
+/// `call`, then `ceiling`, in turn, `slices` times, sharing `shape.duration` between a load's
+/// slices. This machine's speed drifts by tens of percent within a minute; alternating every
+/// few seconds lets a scenario and the ceiling it is divided by see the same drift.
+pub async fn alternate(
+    channels: &[Channel],
+    shape: &Shape,
+    call: Call,
+    ceiling: Call,
+    slices: u32,
+) -> (Measured, Measured) {
+    let slices = slices.max(1);
+    let slice = Shape {
+        warmup: SLICE_WARMUP,
+        duration: shape.duration / slices,
+        ..*shape
+    };
+    let first = Shape {
+        warmup: shape.warmup,
+        ..slice
+    };
+    let mut measured = run(channels, &first, call.clone()).await;
+    let mut beside = run(channels, &slice, ceiling.clone()).await;
+    for _ in 1..slices {
+        measured.add(run(channels, &slice, call.clone()).await);
+        beside.add(run(channels, &slice, ceiling.clone()).await);
+    }
+    (measured, beside)
 }
 
 fn histogram() -> Histogram<u64> {
@@ -62,7 +111,7 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-pub async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
+async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
     let started = Instant::now();
     let recording_from = started + shape.warmup;
     let until = recording_from + shape.duration;
@@ -141,4 +190,52 @@ async fn cpu_used_between(
     let after = (server.and_then(cpu_seconds), cpu_seconds(client));
     let used = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
     (used(before.0, after.0), used(before.1, after.1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slice(latencies: &[u64], seconds: f64, server_cpu: Option<f64>) -> Measured {
+        let mut latency = histogram();
+        for &micros in latencies {
+            latency.record(micros).expect("in bounds");
+        }
+        Measured {
+            ok: latency.len(),
+            errors: 1,
+            first_error: None,
+            seconds,
+            latency,
+            server_cpu,
+            client_cpu: Some(seconds),
+        }
+    }
+
+    #[test]
+    fn slices_add_up_to_one_measurement() {
+        let mut measured = slice(&[100, 200], 2.0, Some(0.5));
+        measured.add(Measured {
+            first_error: Some("Unavailable: gone".to_owned()),
+            ..slice(&[300, 400, 500, 600], 4.0, Some(1.0))
+        });
+        assert_eq!(measured.ok, 6);
+        assert_eq!(measured.errors, 2);
+        assert_eq!(measured.per_second(), 1.0);
+        assert_eq!(measured.latency.max(), 600);
+        assert_eq!(
+            measured.cpu_micros_per_call(measured.server_cpu),
+            Some(250_000.0)
+        );
+        assert_eq!(measured.client_cpu, Some(6.0));
+        assert_eq!(measured.first_error.as_deref(), Some("Unavailable: gone"));
+    }
+
+    #[test]
+    fn cpu_unknown_in_one_slice_is_unknown_for_all() {
+        let mut measured = slice(&[100], 1.0, Some(0.5));
+        measured.add(slice(&[100], 1.0, None));
+        assert_eq!(measured.server_cpu, None);
+        assert_eq!(measured.cpu_micros_per_call(measured.server_cpu), None);
+    }
 }

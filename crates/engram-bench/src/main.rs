@@ -1,6 +1,7 @@
 //! engram-bench: drives a running Engram (or one it spawns) with realistic MemoryService
 //! calls and reports, per RPC, throughput, p50/p99/p999 latency and the ratio to the gRPC
-//! ceiling: grpc.health.v1 Health/Check on the same server, connections and concurrency.
+//! ceiling: grpc.health.v1 Health/Check on the same server, connections and concurrency, in
+//! slices that alternate with each scenario's.
 //!
 //!     cargo build --release -p engram-server -p engram-bench
 //!     target/release/engram-bench --spawn-server --recreate-database \
@@ -64,10 +65,13 @@ struct Cli {
     /// Seconds of load before recording starts, per scenario.
     #[arg(long, default_value_t = 3)]
     warmup_seconds: u64,
-    /// Seconds recorded per scenario.
+    /// Seconds recorded per scenario, and as many of the ceiling beside it.
     #[arg(long, default_value_t = 10)]
     duration_seconds: u64,
-    /// Scenarios to run after the ceiling, in this order.
+    /// Slices of each scenario, each followed by a slice of the ceiling (1 s of warm-up each).
+    #[arg(long, default_value_t = 5)]
+    slices: u32,
+    /// Scenarios to run, in this order.
     #[arg(long, value_delimiter = ',', default_values_t = [Scenario::Retrieve, Scenario::Store, Scenario::Scale])]
     scenarios: Vec<Scenario>,
     /// Sessions the StoreMemory load spreads over.
@@ -179,31 +183,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 
     let mut report = Report::new(pid);
-    let ceiling = load::run(&channels, &shape, health_check()).await;
-    report.line(
-        "Health/Check (ceiling)",
-        &ceiling,
-        ceiling.per_second(),
-        None,
-    );
-    let ceiling = ceiling.per_second();
+    let mut ceilings: Option<Measured> = None;
+    let mut measure = async |call: Call| {
+        let (measured, ceiling) =
+            load::alternate(&channels, &shape, call, health_check(), cli.slices).await;
+        let beside = ceiling.per_second();
+        match &mut ceilings {
+            Some(all) => all.add(ceiling),
+            None => ceilings = Some(ceiling),
+        }
+        (measured, beside)
+    };
     let retrieve = retrieve_call(&prefix, cli.retrieve_sessions);
     let mut retrieve_small = None;
     for scenario in &cli.scenarios {
         match scenario {
             Scenario::Retrieve => {
                 let rows = table_size(cli.database_url.as_deref()).await;
-                let measured = load::run(&channels, &shape, retrieve.clone()).await;
+                let (measured, ceiling) = measure(retrieve.clone()).await;
                 report.line("RetrieveMemories", &measured, ceiling, rows);
                 retrieve_small = Some((measured.millis_at(0.5), rows));
             }
             Scenario::Store => {
-                let measured = load::run(
-                    &channels,
-                    &shape,
-                    store_call(prefix.clone(), cli.store_sessions),
-                )
-                .await;
+                let (measured, ceiling) =
+                    measure(store_call(prefix.clone(), cli.store_sessions)).await;
                 report.line("StoreMemory", &measured, ceiling, None);
             }
             Scenario::Scale => {
@@ -218,7 +221,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     started.elapsed().as_secs_f64()
                 );
                 let rows = table_size(Some(url)).await;
-                let measured = load::run(&channels, &shape, retrieve.clone()).await;
+                let (measured, ceiling) = measure(retrieve.clone()).await;
                 report.line("RetrieveMemories (scaled)", &measured, ceiling, rows);
                 if let Some((small_p50, small_rows)) = retrieve_small {
                     println!(
@@ -231,6 +234,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 }
             }
         }
+    }
+    if let Some(all) = ceilings {
+        report.line("Health/Check (ceiling)", &all, all.per_second(), None);
     }
     report.memory();
     Ok(())
@@ -319,7 +325,8 @@ fn retrieve_call(prefix: &str, sessions: u64) -> Call {
     })
 }
 
-/// The printed table: one line per scenario, the load average beside each.
+/// The printed table: one line per scenario with the ceiling measured beside it, the load
+/// average when it was printed; last, the ceiling over all its slices.
 struct Report {
     pid: Option<u32>,
 }
@@ -327,10 +334,11 @@ struct Report {
 impl Report {
     fn new(pid: Option<u32>) -> Self {
         println!(
-            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>5}  memories",
+            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>5}  memories",
             "rpc",
             "calls/s",
             "x ceil",
+            "ceil/s",
             "p50 ms",
             "p99 ms",
             "p999 ms",
@@ -355,7 +363,7 @@ impl Report {
         };
         let (server_cpu, client_cpu) = (cpu(measured.server_cpu), cpu(measured.client_cpu));
         println!(
-            "{name:<28} {:>9.0} {:>7.2} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {:>5}  {}",
+            "{name:<28} {:>9.0} {:>7.2} {ceiling:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {:>5}  {}",
             measured.per_second(),
             measured.per_second() / ceiling,
             measured.millis_at(0.5),
