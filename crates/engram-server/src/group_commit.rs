@@ -41,7 +41,7 @@ pub trait Reply: Send + Sync {
     fn receive(&mut self, outcomes: Vec<StoreOutcome>, keep: bool) -> Option<Vec<u8>>;
     /// Takes the kept response of an earlier call with the same request_id.
     fn replay(&mut self, kept: &[u8]) -> Result<(), MemoryError>;
-    /// Sends the response (or the failure) to the caller.
+    /// Sends the answer (the response or the outcomes), or the failure, to the caller.
     fn finish(self: Box<Self>, failure: Option<MemoryError>);
     /// The caller went away (deadline, cancel) before its group was written.
     fn is_abandoned(&self) -> bool;
