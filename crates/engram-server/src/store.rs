@@ -1395,13 +1395,13 @@ impl Tables {
             WriteTransaction::Direct(sqlite) => {
                 let live = self.live_before(transaction, group, writing).await?;
                 let inserted = insert_fresh(sqlite, rows())?;
-                let keys = rows()
+                let keys: BTreeSet<TwinKey> = rows()
                     .filter(|memory| !inserted.contains(&memory.id))
                     .map(twin_key)
                     .collect();
                 let twins = self
                     .accesses
-                    .read(|| fetch_by_keys(transaction, &keys))
+                    .read(|| async { twins_by_key(sqlite, &keys) })
                     .await?;
                 return Ok((live, inserted, twins));
             }
@@ -1754,9 +1754,14 @@ async fn load_rows(
 }
 
 /// SQLite: what [`rows_from_json`] reads.
-const ROW_JSON_COLUMNS: &str = "id, tenant_id, session_id, content_type, content, content_hash, \
-    semantic_hash, json(metadata), printf('%!.17g', importance), expires_at, access_count, \
-    last_accessed, created_at, updated_at, deleted_at";
+macro_rules! row_json_columns {
+    () => {
+        "id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
+         json(metadata), printf('%!.17g', importance), expires_at, access_count, \
+         last_accessed, created_at, updated_at, deleted_at"
+    };
+}
+const ROW_JSON_COLUMNS: &str = row_json_columns!();
 
 /// The whole memories of one JSON array: SQLite's [`json_rows`], or PostgreSQL's
 /// [`insert_and_read_postgres`].
@@ -2133,6 +2138,28 @@ async fn fetch_by_keys(
         );
     }
     transaction.load_rows(any).await
+}
+
+/// SQLite, on the writer's connection: [`fetch_by_keys`] as one prepared lookup a key on the
+/// unique index, rather than a statement built, parsed and planned for every group.
+fn twins_by_key(
+    sqlite: &SqliteTransaction<'_>,
+    keys: &BTreeSet<TwinKey>,
+) -> Result<Vec<row::Model>, DbErr> {
+    const TWIN: &str = concat!(
+        "SELECT json_group_array(json_array(",
+        row_json_columns!(),
+        ")) FROM memories \
+         WHERE tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?"
+    );
+    let mut twins = Vec::with_capacity(keys.len());
+    for (tenant, session, content_type, content_hash) in keys {
+        let key = [tenant, session, content_type, content_hash].map(|part| part.as_str().into());
+        for json in sqlite.query_bound::<String>(TWIN, key)? {
+            twins.extend(rows_from_json(&json)?);
+        }
+    }
+    Ok(twins)
 }
 
 /// Answers calls sent with a request_id seen before: the kept response, or a failure when
@@ -2684,7 +2711,8 @@ mod tests {
     }
 
     /// The writer binds a group's rows itself (`sqlite_values`): the pool reads every field
-    /// back as written, each from its own column, and a twin of an earlier row stays out.
+    /// back as written, each from its own column, and a twin of an earlier row stays out;
+    /// the writer's lookup of twins (`twins_by_key`) reads the same rows back.
     #[tokio::test]
     async fn the_writer_insert_reads_back_field_by_field_through_the_pool() {
         use chrono::TimeZone;
@@ -2747,6 +2775,21 @@ mod tests {
             .await
             .expect("rows");
         assert_eq!(read, expected);
+
+        let unknown = (
+            "tenant".to_owned(),
+            "session".to_owned(),
+            ContentType::Fact.as_str().to_owned(),
+            twin.content_hash.clone(),
+        );
+        let keys: BTreeSet<TwinKey> = [twin_key(&twin), twin_key(&expected[1]), unknown].into();
+        let transaction = sqlite.begin().await.expect("begin");
+        let mut twins = twins_by_key(&transaction, &keys).expect("twins");
+        twins.sort_by(|a, b| a.id.cmp(&b.id));
+        assert_eq!(
+            twins, expected,
+            "each key's row, whole, and none for a key not stored"
+        );
     }
 
     async fn version_in_transaction(writer: &Writer) -> Version {
