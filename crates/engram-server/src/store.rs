@@ -1298,11 +1298,7 @@ impl Tables {
         if !untouched.is_empty() {
             let rows = self
                 .accesses
-                .read(|| {
-                    transaction.load_rows(
-                        Condition::all().add(Column::Id.is_in(untouched.iter().copied())),
-                    )
-                })
+                .read(|| fetch_by_ids(transaction, &untouched))
                 .await?;
             let rows: HashMap<String, row::Model> = rows
                 .into_iter()
@@ -1395,13 +1391,13 @@ impl Tables {
             WriteTransaction::Direct(sqlite) => {
                 let live = self.live_before(transaction, group, writing).await?;
                 let inserted = insert_fresh(sqlite, rows())?;
-                let keys: BTreeSet<TwinKey> = rows()
+                let keys = rows()
                     .filter(|memory| !inserted.contains(&memory.id))
                     .map(twin_key)
                     .collect();
                 let twins = self
                     .accesses
-                    .read(|| async { twins_by_key(sqlite, &keys) })
+                    .read(|| fetch_by_keys(transaction, &keys))
                     .await?;
                 return Ok((live, inserted, twins));
             }
@@ -1754,14 +1750,9 @@ async fn load_rows(
 }
 
 /// SQLite: what [`rows_from_json`] reads.
-macro_rules! row_json_columns {
-    () => {
-        "id, tenant_id, session_id, content_type, content, content_hash, semantic_hash, \
-         json(metadata), printf('%!.17g', importance), expires_at, access_count, \
-         last_accessed, created_at, updated_at, deleted_at"
-    };
-}
-const ROW_JSON_COLUMNS: &str = row_json_columns!();
+const ROW_JSON_COLUMNS: &str = "id, tenant_id, session_id, content_type, content, content_hash, \
+    semantic_hash, json(metadata), printf('%!.17g', importance), expires_at, access_count, \
+    last_accessed, created_at, updated_at, deleted_at";
 
 /// The whole memories of one JSON array: SQLite's [`json_rows`], or PostgreSQL's
 /// [`insert_and_read_postgres`].
@@ -2120,12 +2111,23 @@ fn fresh_json(position: usize, memory: &row::Model) -> serde_json::Value {
 }
 
 /// The rows holding these (tenant, session, content type, content hash) keys, deleted or not.
+/// On the SQLite writer see [`rows_by_key`].
 async fn fetch_by_keys(
     transaction: &WriteTransaction<'_>,
     keys: &BTreeSet<TwinKey>,
 ) -> Result<Vec<row::Model>, DbErr> {
     if keys.is_empty() {
         return Ok(Vec::new());
+    }
+    if let WriteTransaction::Direct(sqlite) = transaction {
+        let condition =
+            "tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?";
+        let keys = keys
+            .iter()
+            .map(|(tenant, session, content_type, content_hash)| {
+                [tenant, session, content_type, content_hash].map(String::as_str)
+            });
+        return rows_by_key(sqlite, condition, keys);
     }
     let mut any = Condition::any();
     for (tenant, session, content_type, content_hash) in keys {
@@ -2140,26 +2142,37 @@ async fn fetch_by_keys(
     transaction.load_rows(any).await
 }
 
-/// SQLite, on the writer's connection: [`fetch_by_keys`] as one prepared lookup a key on the
-/// unique index, rather than a statement built, parsed and planned for every group.
-fn twins_by_key(
-    sqlite: &SqliteTransaction<'_>,
-    keys: &BTreeSet<TwinKey>,
+/// The memories of `ids`. On the SQLite writer see [`rows_by_key`].
+async fn fetch_by_ids(
+    transaction: &WriteTransaction<'_>,
+    ids: &BTreeSet<&str>,
 ) -> Result<Vec<row::Model>, DbErr> {
-    const TWIN: &str = concat!(
-        "SELECT json_group_array(json_array(",
-        row_json_columns!(),
-        ")) FROM memories \
-         WHERE tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?"
+    if let WriteTransaction::Direct(sqlite) = transaction {
+        return rows_by_key(sqlite, "id = ?", ids.iter().map(|id| [*id]));
+    }
+    transaction
+        .load_rows(Condition::all().add(Column::Id.is_in(ids.iter().copied())))
+        .await
+}
+
+/// SQLite, on the writer's connection: the memories of each key in turn, `condition` naming
+/// a key's columns with `?`. One statement stays prepared; a statement of its own for every
+/// number of keys was built, parsed and planned again in most groups.
+fn rows_by_key<'k, const N: usize>(
+    sqlite: &SqliteTransaction<'_>,
+    condition: &str,
+    keys: impl IntoIterator<Item = [&'k str; N]>,
+) -> Result<Vec<row::Model>, DbErr> {
+    let sql = format!(
+        "SELECT json_group_array(json_array({ROW_JSON_COLUMNS})) FROM memories WHERE {condition}"
     );
-    let mut twins = Vec::with_capacity(keys.len());
-    for (tenant, session, content_type, content_hash) in keys {
-        let key = [tenant, session, content_type, content_hash].map(|part| part.as_str().into());
-        for json in sqlite.query_bound::<String>(TWIN, key)? {
-            twins.extend(rows_from_json(&json)?);
+    let mut rows = Vec::new();
+    for key in keys {
+        for json in sqlite.query_bound::<String>(&sql, key.map(ToSqlOutput::from))? {
+            rows.extend(rows_from_json(&json)?);
         }
     }
-    Ok(twins)
+    Ok(rows)
 }
 
 /// Answers calls sent with a request_id seen before: the kept response, or a failure when
@@ -2712,7 +2725,7 @@ mod tests {
 
     /// The writer binds a group's rows itself (`sqlite_values`): the pool reads every field
     /// back as written, each from its own column, and a twin of an earlier row stays out;
-    /// the writer's lookup of twins (`twins_by_key`) reads the same rows back.
+    /// the writer's lookups by key and by id (`rows_by_key`) read the same rows back.
     #[tokio::test]
     async fn the_writer_insert_reads_back_field_by_field_through_the_pool() {
         use chrono::TimeZone;
@@ -2783,13 +2796,16 @@ mod tests {
             twin.content_hash.clone(),
         );
         let keys: BTreeSet<TwinKey> = [twin_key(&twin), twin_key(&expected[1]), unknown].into();
-        let transaction = sqlite.begin().await.expect("begin");
-        let mut twins = twins_by_key(&transaction, &keys).expect("twins");
+        let transaction = WriteTransaction::Direct(sqlite.begin().await.expect("begin"));
+        let mut twins = fetch_by_keys(&transaction, &keys).await.expect("twins");
         twins.sort_by(|a, b| a.id.cmp(&b.id));
         assert_eq!(
             twins, expected,
             "each key's row, whole, and none for a key not stored"
         );
+        let ids = BTreeSet::from(["optional-fields-unset", "twin"]);
+        let by_id = fetch_by_ids(&transaction, &ids).await.expect("by id");
+        assert_eq!(by_id, expected[1..], "the row of each id stored");
     }
 
     async fn version_in_transaction(writer: &Writer) -> Version {
