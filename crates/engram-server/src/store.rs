@@ -161,16 +161,6 @@ impl WriteTransaction<'_> {
         }
     }
 
-    /// The whole memories `condition` selects (see [`load_rows`]).
-    async fn load_rows(&self, condition: Condition) -> Result<Vec<row::Model>, DbErr> {
-        match self {
-            Self::Pooled(transaction) => load_rows(transaction, condition).await,
-            Self::Direct(sqlite) => {
-                rows_from_json(&json_array(sqlite, ROW_JSON_COLUMNS, condition)?)
-            }
-        }
-    }
-
     async fn commit(self) -> Result<(), DbErr> {
         match self {
             Self::Pooled(transaction) => transaction.commit().await,
@@ -2119,16 +2109,19 @@ async fn fetch_by_keys(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    if let WriteTransaction::Direct(sqlite) = transaction {
-        let condition =
-            "tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?";
-        let keys = keys
-            .iter()
-            .map(|(tenant, session, content_type, content_hash)| {
-                [tenant, session, content_type, content_hash].map(String::as_str)
-            });
-        return rows_by_key(sqlite, condition, keys);
-    }
+    let pooled = match transaction {
+        WriteTransaction::Pooled(pooled) => pooled,
+        WriteTransaction::Direct(sqlite) => {
+            let condition =
+                "tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?";
+            let keys = keys
+                .iter()
+                .map(|(tenant, session, content_type, content_hash)| {
+                    [tenant, session, content_type, content_hash].map(String::as_str)
+                });
+            return rows_by_key(sqlite, condition, keys);
+        }
+    };
     let mut any = Condition::any();
     for (tenant, session, content_type, content_hash) in keys {
         any = any.add(
@@ -2139,7 +2132,7 @@ async fn fetch_by_keys(
                 .add(Column::ContentHash.eq(content_hash.as_str())),
         );
     }
-    transaction.load_rows(any).await
+    load_rows(pooled, any).await
 }
 
 /// The memories of `ids`. On the SQLite writer see [`rows_by_key`].
@@ -2147,12 +2140,15 @@ async fn fetch_by_ids(
     transaction: &WriteTransaction<'_>,
     ids: &BTreeSet<&str>,
 ) -> Result<Vec<row::Model>, DbErr> {
-    if let WriteTransaction::Direct(sqlite) = transaction {
-        return rows_by_key(sqlite, "id = ?", ids.iter().map(|id| [*id]));
+    match transaction {
+        WriteTransaction::Pooled(pooled) => {
+            let condition = Condition::all().add(Column::Id.is_in(ids.iter().copied()));
+            load_rows(pooled, condition).await
+        }
+        WriteTransaction::Direct(sqlite) => {
+            rows_by_key(sqlite, "id = ?", ids.iter().map(|id| [*id]))
+        }
     }
-    transaction
-        .load_rows(Condition::all().add(Column::Id.is_in(ids.iter().copied())))
-        .await
 }
 
 /// SQLite, on the writer's connection: the memories of each key in turn, `condition` naming
