@@ -2109,8 +2109,20 @@ async fn fetch_by_keys(
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let pooled = match transaction {
-        WriteTransaction::Pooled(pooled) => pooled,
+    match transaction {
+        WriteTransaction::Pooled(pooled) => {
+            let mut any = Condition::any();
+            for (tenant, session, content_type, content_hash) in keys {
+                any = any.add(
+                    Condition::all()
+                        .add(Column::TenantId.eq(tenant.as_str()))
+                        .add(Column::SessionId.eq(session.as_str()))
+                        .add(Column::ContentType.eq(content_type.as_str()))
+                        .add(Column::ContentHash.eq(content_hash.as_str())),
+                );
+            }
+            load_rows(pooled, any).await
+        }
         WriteTransaction::Direct(sqlite) => {
             let condition =
                 "tenant_id = ? AND session_id = ? AND content_type = ? AND content_hash = ?";
@@ -2119,20 +2131,9 @@ async fn fetch_by_keys(
                 .map(|(tenant, session, content_type, content_hash)| {
                     [tenant, session, content_type, content_hash].map(String::as_str)
                 });
-            return rows_by_key(sqlite, condition, keys);
+            rows_by_key(sqlite, condition, keys)
         }
-    };
-    let mut any = Condition::any();
-    for (tenant, session, content_type, content_hash) in keys {
-        any = any.add(
-            Condition::all()
-                .add(Column::TenantId.eq(tenant.as_str()))
-                .add(Column::SessionId.eq(session.as_str()))
-                .add(Column::ContentType.eq(content_type.as_str()))
-                .add(Column::ContentHash.eq(content_hash.as_str())),
-        );
     }
-    load_rows(pooled, any).await
 }
 
 /// The memories of `ids`. On the SQLite writer see [`rows_by_key`].
