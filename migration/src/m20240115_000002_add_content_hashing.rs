@@ -508,10 +508,11 @@ fn hashed_values(row: &QueryResult, pages: &LegacyPages) -> Result<Vec<Value>, D
         LegacyPages::Postgres => Value::from(row.try_get::<String>("", "id")?),
         LegacyPages::Sqlite { .. } => Value::from(row.try_get::<i64>("", "source")?),
     };
+    let (content_hash, semantic_hash) = text::content_hashes(&content);
     let mut values = vec![
         key,
-        text::content_hash(&content).into(),
-        text::format_semantic_hash(text::semantic_hash(&content)).into(),
+        content_hash.into(),
+        text::format_semantic_hash(semantic_hash).into(),
     ];
     if let LegacyPages::Sqlite { .. } = pages {
         for column in LEGACY_TIMESTAMPS {

@@ -55,7 +55,7 @@ fn pipeline(c: &mut Criterion) {
         group.bench_function(format!("all/{name}"), |b| {
             b.iter(|| {
                 let clean = validate::content("content", black_box(&content)).expect("valid");
-                (text::content_hash(&clean), text::semantic_hash(&clean))
+                text::content_hashes(&clean)
             })
         });
     }

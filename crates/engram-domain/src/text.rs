@@ -102,25 +102,45 @@ fn python_words(text: &str) -> impl Iterator<Item = &str> {
 
 /// The reference `compute_content_hash`: SHA-256 hex of the normalized UTF-8.
 pub fn content_hash(content: &str) -> String {
-    format!("{:x}", Sha256::digest(normalize_content(content)))
+    hash_of_normalized(&normalize_content(content))
 }
 
 /// The reference `compute_semantic_hash` with 64 bits: a SimHash where bit `i`
 /// of each token's vote is bit `i % 8` of byte `i / 8` of its SHA-256, i.e.
 /// the first 8 digest bytes read little-endian.
 pub fn semantic_hash(content: &str) -> u64 {
-    let mut votes = [0i64; 64];
-    for token in python_words(&normalize_content(content)) {
+    simhash_of_normalized(&normalize_content(content))
+}
+
+/// [`content_hash`] and [`semantic_hash`] together, normalizing the content once for both.
+pub fn content_hashes(content: &str) -> (String, u64) {
+    let normalized = normalize_content(content);
+    (
+        hash_of_normalized(&normalized),
+        simhash_of_normalized(&normalized),
+    )
+}
+
+fn hash_of_normalized(normalized: &str) -> String {
+    format!("{:x}", Sha256::digest(normalized))
+}
+
+/// Bit `i` is set when more tokens vote for it than against it; counting the votes for
+/// (`ones`) instead of adding +1 or -1 keeps the loop free of branches.
+fn simhash_of_normalized(normalized: &str) -> u64 {
+    let mut ones = [0u32; 64];
+    let mut tokens = 0u32;
+    for token in python_words(normalized) {
         let digest = Sha256::digest(token);
         let bits = u64::from_le_bytes(digest[..8].try_into().expect("SHA-256 has 32 bytes"));
-        for (i, vote) in votes.iter_mut().enumerate() {
-            *vote += if (bits >> i) & 1 == 1 { 1 } else { -1 };
+        for (i, count) in ones.iter_mut().enumerate() {
+            *count += ((bits >> i) & 1) as u32;
         }
+        tokens += 1;
     }
-    votes
-        .iter()
+    ones.iter()
         .enumerate()
-        .filter(|&(_, &vote)| vote > 0)
+        .filter(|&(_, &count)| 2 * count > tokens)
         .fold(0, |fingerprint, (i, _)| fingerprint | (1 << i))
 }
 

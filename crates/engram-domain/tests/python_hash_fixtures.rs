@@ -2,8 +2,8 @@
 //! produced by `python3 scripts/gen_hash_fixtures.py` (CPython 3.11).
 
 use engram_domain::text::{
-    content_hash, format_semantic_hash, hamming_distance, normalize_content, parse_semantic_hash,
-    semantic_hash,
+    content_hash, content_hashes, format_semantic_hash, hamming_distance, normalize_content,
+    parse_semantic_hash, semantic_hash,
 };
 use serde_json::Value;
 
@@ -28,12 +28,20 @@ fn matches_python_for_every_fixture() {
         let field = |name: &str| record[name].as_str().expect("fixture field is a string");
         let input = field("input");
         let semantic = semantic_hash(input);
+        // What a store computes: both at once, from one normalization.
+        let (both_content, both_semantic) = content_hashes(input);
         let checks = [
             ("normalized", normalize_content(input), field("normalized")),
             ("content_hash", content_hash(input), field("content_hash")),
             (
                 "semantic_hash",
                 format_semantic_hash(semantic),
+                field("semantic_hash"),
+            ),
+            ("content_hashes.0", both_content, field("content_hash")),
+            (
+                "content_hashes.1",
+                format_semantic_hash(both_semantic),
                 field("semantic_hash"),
             ),
         ];

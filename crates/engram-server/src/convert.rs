@@ -157,10 +157,11 @@ pub fn new_memory(
     else {
         unreachable!("every field is Some when there are no violations");
     };
+    let (content_hash, semantic_hash) = text::content_hashes(&content);
     Ok(NewMemory {
         content_type,
-        content_hash: text::content_hash(&content),
-        semantic_hash: text::semantic_hash(&content),
+        content_hash,
+        semantic_hash,
         content,
         metadata,
         importance,

@@ -619,8 +619,9 @@ impl MemoryStore {
             .await?;
         let mut updated = current.clone();
         if let Some(content) = changes.content {
-            updated.content_hash = text::content_hash(&content);
-            updated.semantic_hash = Some(text::format_semantic_hash(text::semantic_hash(&content)));
+            let (content_hash, semantic_hash) = text::content_hashes(&content);
+            updated.content_hash = content_hash;
+            updated.semantic_hash = Some(text::format_semantic_hash(semantic_hash));
             updated.content = content;
             let twin = Memories::find()
                 .filter(in_session(tenant, &name.session_id))
