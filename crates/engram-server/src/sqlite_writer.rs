@@ -1,8 +1,8 @@
 //! The SQLite writer's own connection, driven on the thread that calls it. sqlx runs every
 //! SQLite connection on a thread of its own, so each statement of a store group cost two
 //! thread wake-ups, and the writer and that thread spent much of each group waiting for the
-//! other. Most statements stay sea-query's, built as for any SQLite connection; the group's
-//! insert binds its rows' fields directly (`SqliteTransaction::query_bound`).
+//! other. Most statements stay sea-query's, built as for any SQLite connection; a group's
+//! inserts and merges bind their rows' fields directly (`SqliteTransaction::execute_each`).
 //!
 //! The store groups and the access flushes share the connection, one transaction at a time:
 //! its own commits leave `PRAGMA data_version` as it was, so the writer keeps trusting what
@@ -116,17 +116,44 @@ impl DirectSqlite {
     ) -> Result<(), DbErr> {
         let connection = self.connection.lock().expect("the writer's connection");
         let mut prepared = connection.prepare_cached(sql).map_err(database_error)?;
-        for (index, value) in values.into_iter().enumerate() {
-            prepared
-                .raw_bind_parameter(index + 1, value?)
-                .map_err(database_error)?;
-        }
+        bind(&mut prepared, values)?;
         let mut rows = prepared.raw_query();
         while let Some(row) = rows.next().map_err(database_error)? {
             each_row(row)?;
         }
         Ok(())
     }
+
+    fn execute_each<'v, R>(
+        &self,
+        sql: &str,
+        rows: impl IntoIterator<Item = R>,
+    ) -> Result<Vec<bool>, DbErr>
+    where
+        R: IntoIterator<Item = ToSqlOutput<'v>>,
+    {
+        let connection = self.connection.lock().expect("the writer's connection");
+        let mut prepared = connection.prepare_cached(sql).map_err(database_error)?;
+        rows.into_iter()
+            .map(|values| {
+                bind(&mut prepared, values.into_iter().map(Ok))?;
+                Ok(prepared.raw_execute().map_err(database_error)? > 0)
+            })
+            .collect()
+    }
+}
+
+/// Binds `values` to the parameters of `prepared` in order, from the first.
+fn bind(
+    prepared: &mut rusqlite::Statement<'_>,
+    values: impl IntoIterator<Item = Result<impl ToSql, DbErr>>,
+) -> Result<(), DbErr> {
+    for (index, value) in values.into_iter().enumerate() {
+        prepared
+            .raw_bind_parameter(index + 1, value?)
+            .map_err(database_error)?;
+    }
+    Ok(())
 }
 
 impl SqliteTransaction<'_> {
@@ -139,14 +166,28 @@ impl SqliteTransaction<'_> {
     }
 
     /// The rows of `sql` with `values` bound in order, for a statement built here rather
-    /// than by sea-query: a store group's insert binds its rows' fields without copying
-    /// them into sea-query values first. Bind as [`to_sqlite`] does (see [`timestamp`]).
+    /// than by sea-query, whose values need no copy into sea-query values first. Bind as
+    /// [`to_sqlite`] does (see [`timestamp`]).
     pub fn query_bound<'v, T: Columns>(
         &self,
         sql: &str,
         values: impl IntoIterator<Item = ToSqlOutput<'v>>,
     ) -> Result<Vec<T>, DbErr> {
         self.sqlite.query_bound(sql, values.into_iter().map(Ok))
+    }
+
+    /// Runs `sql` once for each of `rows`, its values bound in order as [`Self::query_bound`]
+    /// binds them: one prepared statement, stepped once a row. Returns whether each run
+    /// changed a row.
+    pub fn execute_each<'v, R>(
+        &self,
+        sql: &str,
+        rows: impl IntoIterator<Item = R>,
+    ) -> Result<Vec<bool>, DbErr>
+    where
+        R: IntoIterator<Item = ToSqlOutput<'v>>,
+    {
+        self.sqlite.execute_each(sql, rows)
     }
 
     pub fn commit(mut self) -> Result<(), DbErr> {

@@ -62,7 +62,7 @@ const ACCESS_FLUSH_CHUNK: usize = 500;
 const MERGE_CHUNK: usize = 200;
 /// Store groups PostgreSQL writes at once (see `Tables::concurrent_groups`).
 const POSTGRES_CONCURRENT_GROUPS: usize = 2;
-/// Rows inserted per statement (at most 15 values each, well below every parameter limit).
+/// Kept responses inserted per statement (5 values each, well below every parameter limit).
 const INSERT_CHUNK: usize = 256;
 /// Oldest a cached session may be: what a lost change notification or another replica's
 /// access counts can leave stale at worst.
@@ -158,6 +158,35 @@ impl WriteTransaction<'_> {
                 .map(|row| T::try_get_many_by_index(row).map_err(DbErr::from))
                 .collect(),
             Self::Direct(sqlite) => sqlite.query(statement),
+        }
+    }
+
+    /// Writes what merges changed into their twins (see `merge_into_twin`): the higher
+    /// importance, the merged metadata, the later expiry, restored, updated now. PostgreSQL
+    /// takes one set-based UPDATE a chunk; SQLite one prepared single-row UPDATE a merge (see
+    /// [`insert_fresh`] for why).
+    async fn write_merges(&self, merged: &[&row::Model]) -> Result<(), DbErr> {
+        match self {
+            Self::Pooled(transaction) => {
+                for chunk in merged.chunks(MERGE_CHUNK) {
+                    transaction.execute_raw(write_merges(chunk)).await?;
+                }
+                Ok(())
+            }
+            Self::Direct(sqlite) => {
+                let sql = "UPDATE memories SET importance = ?, metadata = ?, expires_at = ?, \
+                           deleted_at = NULL, updated_at = ? WHERE id = ?";
+                let rows = merged.iter().map(|memory| {
+                    [
+                        memory.importance.into(),
+                        memory.metadata.to_string().into(),
+                        sqlite_time(&memory.expires_at),
+                        timestamp(&memory.updated_at).into(),
+                        memory.id.as_str().into(),
+                    ]
+                });
+                sqlite.execute_each(sql, rows).map(drop)
+            }
         }
     }
 
@@ -1274,11 +1303,7 @@ impl Tables {
             .filter(|id| !evicted_ids.contains(*id))
             .map(|id| &touched[id])
             .collect();
-        for chunk in merges.chunks(MERGE_CHUNK) {
-            transaction
-                .execute(write_merges(transaction.backend(), chunk))
-                .await?;
-        }
+        transaction.write_merges(&merges).await?;
         // Near-duplicates this group did not write are read whole before any eviction.
         let untouched: BTreeSet<&str> = written
             .iter()
@@ -1910,6 +1935,10 @@ const MEMORY_COLUMNS: usize = 15;
 /// SQLite: inserts the rows that have no twin yet, in order (a later row of the same content
 /// is the earlier one's twin); returns the ids inserted. The unique constraint decides.
 ///
+/// One prepared single-row statement, run once a row, and no `RETURNING`: a multi-row
+/// `VALUES` list with `RETURNING` made SQLite fill two temporary tables a group, and closing
+/// one walks its page cache; that cost the writer more than the one statement saved.
+///
 /// `INSERT OR IGNORE` rather than `ON CONFLICT DO NOTHING`: with the latter the CHECK and
 /// NOT NULL constraints may still abort the statement midway, so SQLite copies every page
 /// the insert touches to a statement journal first (about 5 % of the writer's time). Rows are
@@ -1919,19 +1948,18 @@ fn insert_fresh<'a>(
     transaction: &SqliteTransaction<'_>,
     rows: impl Iterator<Item = &'a row::Model>,
 ) -> Result<HashSet<String>, DbErr> {
-    let one_row = format!("({})", ["?"; MEMORY_COLUMNS].join(", "));
+    let sql = concat!(
+        "INSERT OR IGNORE INTO memories (",
+        memory_columns!(),
+        ") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    );
     let rows: Vec<&row::Model> = rows.collect();
-    let mut inserted = HashSet::with_capacity(rows.len());
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let sql = format!(
-            "INSERT OR IGNORE INTO memories ({}) VALUES {} RETURNING id",
-            memory_columns!(),
-            vec![one_row.as_str(); chunk.len()].join(", "),
-        );
-        let values = chunk.iter().flat_map(|memory| sqlite_values(memory));
-        inserted.extend(transaction.query_bound::<String>(&sql, values)?);
-    }
-    Ok(inserted)
+    let went_in = transaction.execute_each(sql, rows.iter().map(|memory| sqlite_values(memory)))?;
+    let inserted = rows
+        .into_iter()
+        .zip(went_in)
+        .filter(|(_, went_in)| *went_in);
+    Ok(inserted.map(|(memory, _)| memory.id.clone()).collect())
 }
 
 /// A fresh row's fields as [`insert_fresh`] binds them, in `memory_columns!` order: as
@@ -1955,8 +1983,6 @@ fn sqlite_values(memory: &row::Model) -> [ToSqlOutput<'_>; MEMORY_COLUMNS] {
         deleted_at,
     } = memory;
     let null = || ToSqlOutput::from(Null);
-    let time =
-        |at: &Option<DateTime<Utc>>| at.as_ref().map_or_else(null, |at| timestamp(at).into());
     [
         id.as_str().into(),
         tenant_id.as_str().into(),
@@ -1967,13 +1993,19 @@ fn sqlite_values(memory: &row::Model) -> [ToSqlOutput<'_>; MEMORY_COLUMNS] {
         semantic_hash.as_deref().map_or_else(null, Into::into),
         metadata.to_string().into(),
         (*importance).into(),
-        time(expires_at),
+        sqlite_time(expires_at),
         (*access_count).into(),
-        time(last_accessed),
+        sqlite_time(last_accessed),
         timestamp(created_at).into(),
         timestamp(updated_at).into(),
-        time(deleted_at),
+        sqlite_time(deleted_at),
     ]
+}
+
+/// An optional timestamp as [`sqlite_values`] binds it: RFC 3339 text, or NULL.
+fn sqlite_time(at: &Option<DateTime<Utc>>) -> ToSqlOutput<'static> {
+    at.as_ref()
+        .map_or(ToSqlOutput::from(Null), |at| timestamp(at).into())
 }
 
 /// PostgreSQL: [`insert_fresh`], and from the snapshot before it the live memories of
@@ -2533,9 +2565,8 @@ fn add_accesses(backend: DbBackend, counted: &[(String, Accesses)]) -> Statement
     Statement::from_sql_and_values(backend, sql, values)
 }
 
-/// One UPDATE writing what merges change (see `merge_into_twin`) into their twins: the
-/// higher importance, the merged metadata, the later expiry, restored, updated now.
-fn write_merges(backend: DbBackend, merged: &[&row::Model]) -> Statement {
+/// PostgreSQL: one UPDATE writing merges into their twins (`WriteTransaction::write_merges`).
+fn write_merges(merged: &[&row::Model]) -> Statement {
     let mut values: Vec<Value> = Vec::with_capacity(merged.len() * 5);
     for memory in merged {
         values.push(memory.id.clone().into());
@@ -2545,7 +2576,7 @@ fn write_merges(backend: DbBackend, merged: &[&row::Model]) -> Statement {
         values.push(memory.updated_at.into());
     }
     let rows = values_rows(
-        backend,
+        DbBackend::Postgres,
         &[
             "text",
             "double precision",
@@ -2555,20 +2586,13 @@ fn write_merges(backend: DbBackend, merged: &[&row::Model]) -> Statement {
         ],
         merged.len(),
     );
-    let changes = "importance = u.importance, metadata = u.metadata, \
-                   expires_at = u.expires_at, deleted_at = NULL, updated_at = u.updated_at";
-    let sql = match backend {
-        DbBackend::Postgres => format!(
-            "UPDATE memories AS m SET {changes} \
-             FROM (VALUES {rows}) AS u(id, importance, metadata, expires_at, updated_at) \
-             WHERE m.id = u.id"
-        ),
-        _ => format!(
-            "WITH u(id, importance, metadata, expires_at, updated_at) AS (VALUES {rows}) \
-             UPDATE memories SET {changes} FROM u WHERE memories.id = u.id"
-        ),
-    };
-    Statement::from_sql_and_values(backend, sql, values)
+    let sql = format!(
+        "UPDATE memories AS m SET importance = u.importance, metadata = u.metadata, \
+         expires_at = u.expires_at, deleted_at = NULL, updated_at = u.updated_at \
+         FROM (VALUES {rows}) AS u(id, importance, metadata, expires_at, updated_at) \
+         WHERE m.id = u.id"
+    );
+    Statement::from_sql_and_values(DbBackend::Postgres, sql, values)
 }
 
 /// `(?, ?), (?, ?)`: `rows` rows of parameters for a VALUES list. PostgreSQL numbers them

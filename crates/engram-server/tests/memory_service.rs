@@ -177,6 +177,11 @@ async fn deduplicates_equal_content_and_merges(backend: Backend) {
         "the later expiry wins"
     );
     assert_ne!(merged.etag, created.etag);
+    assert_eq!(
+        read_back(&mut server, &merged.name).await,
+        merged,
+        "the merge is what the database holds"
+    );
 
     // A different content type is a different memory; so is another session.
     let fact = pb::Memory {
@@ -221,7 +226,21 @@ async fn deduplicates_equal_content_and_merges(backend: Backend) {
     let revived = revived.memory.unwrap();
     assert_eq!(revived.name, created.name);
     assert_eq!(revived.delete_time, None);
+    assert_eq!(read_back(&mut server, &revived.name).await, revived);
     server.stop().await;
+}
+
+/// A memory as GetMemory reads it from the database (stores update the retrieval cache
+/// from what they wrote, so only a read like this one sees what the writer stored).
+async fn read_back(server: &mut TestServer, name: &str) -> pb::Memory {
+    server
+        .client
+        .get_memory(pb::GetMemoryRequest {
+            name: name.to_owned(),
+        })
+        .await
+        .expect("the memory reads back")
+        .into_inner()
 }
 
 /// PostgreSQL reads a group's twins from the snapshot its insert starts from. A twin that
