@@ -123,24 +123,6 @@ impl DirectSqlite {
         }
         Ok(())
     }
-
-    fn execute_each<'v, R>(
-        &self,
-        sql: &str,
-        rows: impl IntoIterator<Item = R>,
-    ) -> Result<Vec<bool>, DbErr>
-    where
-        R: IntoIterator<Item = ToSqlOutput<'v>>,
-    {
-        let connection = self.connection.lock().expect("the writer's connection");
-        let mut prepared = connection.prepare_cached(sql).map_err(database_error)?;
-        rows.into_iter()
-            .map(|values| {
-                bind(&mut prepared, values.into_iter().map(Ok))?;
-                Ok(prepared.raw_execute().map_err(database_error)? > 0)
-            })
-            .collect()
-    }
 }
 
 /// Binds `values` to the parameters of `prepared` in order, from the first.
@@ -187,7 +169,18 @@ impl SqliteTransaction<'_> {
     where
         R: IntoIterator<Item = ToSqlOutput<'v>>,
     {
-        self.sqlite.execute_each(sql, rows)
+        let connection = self
+            .sqlite
+            .connection
+            .lock()
+            .expect("the writer's connection");
+        let mut prepared = connection.prepare_cached(sql).map_err(database_error)?;
+        rows.into_iter()
+            .map(|values| {
+                bind(&mut prepared, values.into_iter().map(Ok))?;
+                Ok(prepared.raw_execute().map_err(database_error)? > 0)
+            })
+            .collect()
     }
 
     pub fn commit(mut self) -> Result<(), DbErr> {

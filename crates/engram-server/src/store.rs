@@ -376,8 +376,8 @@ const SQLITE_PRAGMAS: [(&str, &str); 4] = [
 ///   32 MiB cost RSS and no speed);
 /// - no automatic checkpoints: its commits only append, and it checkpoints between groups
 ///   (`Tables::checkpoint`);
-/// - the statement journal of a multi-row insert in memory (past 64 KiB it would spill into
-///   a temporary file, opened and deleted per group).
+/// - temporary storage in memory (statement journals, the access flush's temporary table):
+///   past 64 KiB a statement journal would spill into a file opened and deleted each time.
 const SQLITE_WRITER_PRAGMAS: [(&str, &str); 3] = [
     ("cache_size", "-8192"),
     ("wal_autocheckpoint", "0"),
