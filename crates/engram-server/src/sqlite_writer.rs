@@ -17,7 +17,8 @@ use rusqlite::types::{FromSql, ToSqlOutput, Value as Sqlite};
 use rusqlite::{Connection, OpenFlags, Row, ToSql};
 use sea_orm::{DbErr, RuntimeErr, Statement, TryGetableMany, Value};
 
-/// Prepared statements kept: a group's statements vary with its number of rows.
+/// Prepared statements kept: a group's read of its sessions' live memories and its eviction
+/// vary with its number of sessions and of evicted rows.
 const STATEMENT_CACHE: usize = 128;
 
 pub struct DirectSqlite {
