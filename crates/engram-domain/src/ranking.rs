@@ -42,8 +42,12 @@ pub struct Ranked<'a> {
 pub fn by_rank(a: &Ranked<'_>, b: &Ranked<'_>) -> Ordering {
     b.effective_importance
         .total_cmp(&a.effective_importance)
-        .then(b.created_at.cmp(&a.created_at))
-        .then(a.id.cmp(b.id))
+        .then_with(|| by_recency((a.created_at, a.id), (b.created_at, b.id)))
+}
+
+/// Newer first, then by id: how `by_rank` breaks ties, given (created_at, id).
+pub fn by_recency(a: (DateTime<Utc>, &str), b: (DateTime<Utc>, &str)) -> Ordering {
+    b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1))
 }
 
 pub fn rank_descending(memories: &mut [Ranked<'_>]) {

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use engram_domain::entity::memory as row;
 use engram_domain::etag;
+use engram_domain::ranking::by_recency;
 use lru::LruCache;
 
 use crate::access::{Accesses, Tracked};
@@ -43,6 +44,7 @@ struct Inner {
 }
 
 struct Entry {
+    /// In recency order (`in_recency_order`).
     memories: Vec<CachedMemory>,
     bytes: usize,
     loaded_at: Instant,
@@ -68,6 +70,12 @@ impl CachedMemory {
     pub fn etag(&self) -> &str {
         self.etag.get_or_init(|| etag::memory_etag(&self.row))
     }
+}
+
+/// Newest first, then by id (`by_recency`): the order every session's memories are kept and
+/// handed out in, so a ranking can break its ties by position.
+fn in_recency_order(a: &row::Model, b: &row::Model) -> std::cmp::Ordering {
+    by_recency((a.created_at, &a.id), (b.created_at, &b.id))
 }
 
 impl Deref for CachedMemory {
@@ -111,8 +119,8 @@ impl SessionCache {
         }
     }
 
-    /// Runs `use_memories` on the session's cached live memories (it may update their access
-    /// tracking), or returns the ticket for loading them.
+    /// Runs `use_memories` on the session's cached live memories, in recency order (it may
+    /// update their access tracking), or returns the ticket for loading them.
     pub fn with_cached<R>(
         &self,
         key: &SessionKey,
@@ -135,7 +143,7 @@ impl SessionCache {
     }
 
     /// After a load begun with `ticket`: keeps `loaded` unless its session changed meanwhile,
-    /// then runs `use_memories` on what is cached now, or on `loaded` alone.
+    /// then runs `use_memories` on what is cached now, or on `loaded` alone; in recency order.
     pub fn fill<R>(
         &self,
         key: SessionKey,
@@ -144,6 +152,7 @@ impl SessionCache {
         use_memories: impl FnOnce(&mut [CachedMemory]) -> R,
     ) -> R {
         let mut loaded: Vec<CachedMemory> = loaded.into_iter().map(CachedMemory::new).collect();
+        loaded.sort_unstable_by(|a, b| in_recency_order(a, b));
         let mut inner = self.lock();
         if inner.serving
             && let Some(entry) = inner.sessions.get_mut(&key)
@@ -192,18 +201,15 @@ impl SessionCache {
         let Some(entry) = inner.sessions.get_mut(key) else {
             return;
         };
-        entry
-            .memories
-            .retain(|memory| !removed.contains(&memory.id));
+        let written: Vec<row::Model> = written.into_iter().collect();
+        entry.memories.retain(|memory| {
+            !removed.contains(&memory.id) && !written.iter().any(|new| new.id == memory.id)
+        });
         for memory in written {
-            match entry
+            let at = entry
                 .memories
-                .iter_mut()
-                .find(|cached| cached.id == memory.id)
-            {
-                Some(cached) => *cached = CachedMemory::new(memory),
-                None => entry.memories.push(CachedMemory::new(memory)),
-            }
+                .partition_point(|cached| in_recency_order(cached, &memory).is_lt());
+            entry.memories.insert(at, CachedMemory::new(memory));
         }
         let bytes: usize = entry
             .memories
@@ -429,13 +435,38 @@ mod tests {
         let removed = HashSet::from(["evicted".to_owned()]);
         cache.apply(&key("s"), [merged, memory("new", "z")], &removed);
         let cached = cache
-            .with_cached(&key("s"), |m| (ids(m), m[0].access_count))
+            .with_cached(&key("s"), |m| (ids(m), m[1].access_count))
             .expect("still cached");
-        assert_eq!(cached, (vec!["kept".to_owned(), "new".to_owned()], 3));
+        assert_eq!(cached, (vec!["new".to_owned(), "kept".to_owned()], 3));
         // A load of a session the writer did not touch is kept unless it shares the stripe.
         let other_kept = stripe_of(&key("other")) != stripe_of(&key("s"));
         cache.fill(key("other"), in_flight, vec![], |_| ());
         assert_eq!(is_cached(&cache, "other"), other_kept);
+    }
+
+    #[test]
+    fn a_session_is_kept_and_served_newest_first_then_by_id() {
+        let cache = cache();
+        let at = |id: &str, minute: i64| row::Model {
+            created_at: chrono::DateTime::UNIX_EPOCH + chrono::Duration::minutes(minute),
+            ..memory(id, id)
+        };
+        load(
+            &cache,
+            "s",
+            vec![at("b", 1), at("a", 2), at("d", 1), at("c", 1)],
+        );
+        let merged = row::Model {
+            importance: 0.9,
+            ..at("c", 1)
+        };
+        cache.apply(
+            &key("s"),
+            [at("e", 3), merged, at("bb", 1), at("0", 0)],
+            &HashSet::from(["d".to_owned()]),
+        );
+        let served = cache.with_cached(&key("s"), |m| ids(m)).expect("cached");
+        assert_eq!(served, ["e", "a", "b", "bb", "c", "0"]);
     }
 
     #[test]

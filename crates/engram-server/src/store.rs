@@ -20,7 +20,7 @@ use engram_domain::filter::PurgeScope;
 use engram_domain::memory::{ContentType, NewMemory, merge_into_twin};
 use engram_domain::names::{MemoryName, SessionId, SessionScope};
 use engram_domain::paging::PageCursor;
-use engram_domain::ranking::{Ranked, by_rank, choose_evictions, effective_importance, keep_first};
+use engram_domain::ranking::{Ranked, choose_evictions, effective_importance, keep_first};
 use engram_domain::{etag, limits, text};
 use rusqlite::types::{Null, ToSqlOutput};
 use sea_orm::sea_query::{Expr, Query};
@@ -879,14 +879,18 @@ impl MemoryStore {
                     .any(|kind| kind.as_str() == memory.content_type)
         };
         let choose = |memories: &mut [CachedMemory]| {
-            let mut ranking: Vec<(Ranked, usize)> = memories
+            let mut ranking: Vec<(f64, usize)> = memories
                 .iter()
                 .enumerate()
                 .filter(|(_, memory)| is_live_at(memory, now) && wanted(memory))
-                .map(|(at, memory)| (ranked(memory, now), at))
-                .filter(|(memory, _)| memory.effective_importance >= min_importance)
+                .map(|(at, memory)| (ranked(memory, now).effective_importance, at))
+                .filter(|(importance, _)| *importance >= min_importance)
                 .collect();
-            keep_first(&mut ranking, limit, |(a, _), (b, _)| by_rank(a, b));
+            // The session comes in recency order, so a position breaks ties as `by_rank`
+            // does, without comparing times and ids.
+            keep_first(&mut ranking, limit, |(a, at_a), (b, at_b)| {
+                b.total_cmp(a).then(at_a.cmp(at_b))
+            });
             let chosen: Vec<usize> = ranking.into_iter().map(|(_, at)| at).collect();
             let access = Accesses {
                 count: 1,

@@ -20,6 +20,7 @@ on_both_backends!(
     expired_memories_vanish_at_once_and_the_sweeper_removes_them,
     lists_in_pages_with_opaque_tokens,
     retrieves_by_effective_importance_and_tracks_access,
+    retrieval_breaks_ties_newest_first_then_by_name,
     session_cap_evicts_the_least_important_even_under_concurrency,
     rejects_bad_input_naming_the_field,
     updates_with_mask_and_etag,
@@ -806,6 +807,65 @@ async fn retrieves_by_effective_importance_and_tracks_access(backend: Backend) {
         field_violations(&bad),
         vec!["page_size", "min_importance", "content_types[0]"]
     );
+    server.stop().await;
+}
+
+/// Equal effective importances rank the newer memory first, then the lower name; a batch
+/// shares one creation time, so its order is the names'. Checked on a session loaded into
+/// the cache, then changed by a store.
+async fn retrieval_breaks_ties_newest_first_then_by_name(backend: Backend) {
+    let mut server = TestServer::start(backend).await;
+    let fact = |content: &str| pb::Memory {
+        importance: Some(0.5),
+        ..memory(content)
+    };
+    stored(&mut server, "ties", fact("oldest single fact")).await;
+    let batch = (0..6).map(|n| store_request("ties", fact(&format!("batched fact {n}"))));
+    server
+        .client
+        .batch_store_memories(pb::BatchStoreMemoriesRequest {
+            parent: "sessions/ties".to_owned(),
+            requests: batch.collect(),
+            request_id: String::new(),
+        })
+        .await
+        .expect("batch store");
+    // Loads the session without counting an access (no preference is stored).
+    let none = server
+        .client
+        .retrieve_memories(pb::RetrieveMemoriesRequest {
+            parent: "sessions/ties".to_owned(),
+            content_types: vec![pb::ContentType::Preference as i32],
+            ..Default::default()
+        })
+        .await
+        .expect("retrieve preferences");
+    assert!(none.into_inner().memories.is_empty());
+    stored(&mut server, "ties", fact("newest single fact")).await;
+
+    let ranked = server
+        .client
+        .retrieve_memories(pb::RetrieveMemoriesRequest {
+            parent: "sessions/ties".to_owned(),
+            page_size: 20,
+            ..Default::default()
+        })
+        .await
+        .expect("retrieve")
+        .into_inner()
+        .memories;
+    assert_eq!(ranked.len(), 8);
+    let mut expected = ranked.clone();
+    expected.sort_by(|a, b| {
+        let created = |memory: &pb::Memory| {
+            let at = memory.create_time.expect("create_time");
+            (at.seconds, at.nanos)
+        };
+        created(b).cmp(&created(a)).then(a.name.cmp(&b.name))
+    });
+    assert_eq!(names(&ranked), names(&expected));
+    assert_eq!(ranked[0].content, "newest single fact");
+    assert_eq!(ranked[7].content, "oldest single fact");
     server.stop().await;
 }
 
