@@ -24,6 +24,12 @@ pub fn effective_importance(
     now: DateTime<Utc>,
 ) -> f64 {
     let age_micros = (now - created_at).num_microseconds().unwrap_or(i64::MAX);
+    effective_importance_at_age(importance, age_micros, access_count)
+}
+
+/// [`effective_importance`] of a memory `age_micros` old: for a caller that keeps creation
+/// times as microseconds, which is cheaper than subtracting calendar times.
+pub fn effective_importance_at_age(importance: f64, age_micros: i64, access_count: i64) -> f64 {
     let age_days = age_micros.div_euclid(MICROS_PER_DAY) as f64;
     let decay = (-(LN_2_AS_IN_SEED / HALF_LIFE_DAYS) * age_days).exp();
     let access_boost = MAX_ACCESS_BOOST.min(access_count.max(0) as f64 * BOOST_PER_ACCESS);

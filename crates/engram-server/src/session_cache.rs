@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use engram_domain::entity::memory as row;
 use engram_domain::etag;
-use engram_domain::ranking::by_recency;
+use engram_domain::ranking::{self, by_recency};
 use lru::LruCache;
 
 use crate::access::{Accesses, Tracked};
@@ -57,14 +57,27 @@ struct Entry {
 pub struct CachedMemory {
     row: row::Model,
     etag: OnceCell<String>,
+    /// `created_at` in microseconds since the epoch, for ranking every turn.
+    created_micros: i64,
 }
 
 impl CachedMemory {
     fn new(row: row::Model) -> Self {
         Self {
+            created_micros: row.created_at.timestamp_micros(),
             row,
             etag: OnceCell::new(),
         }
+    }
+
+    /// Its effective importance at `now_micros`. Engram keeps times to the microsecond, so
+    /// this is `ranking::effective_importance` at that time, without calendar arithmetic.
+    pub fn effective_importance_at(&self, now_micros: i64) -> f64 {
+        ranking::effective_importance_at_age(
+            self.row.importance,
+            now_micros - self.created_micros,
+            i64::from(self.row.access_count),
+        )
     }
 
     pub fn etag(&self) -> &str {
@@ -467,6 +480,29 @@ mod tests {
         );
         let served = cache.with_cached(&key("s"), |m| ids(m)).expect("cached");
         assert_eq!(served, ["e", "a", "b", "bb", "c", "0"]);
+    }
+
+    #[test]
+    fn a_cached_effective_importance_is_the_rankings() {
+        let now = chrono::DateTime::from_timestamp_micros(1_796_000_000_123_456).unwrap();
+        for (age_micros, access_count) in [
+            (0, 0),
+            (86_400_000_000 - 1, 3),
+            (40 * 86_400_000_000 + 7, 12),
+        ] {
+            let created_at = now - chrono::Duration::microseconds(age_micros);
+            let cached = CachedMemory::new(row::Model {
+                importance: 0.7,
+                access_count,
+                created_at,
+                ..memory("a", "x")
+            });
+            assert_eq!(
+                cached.effective_importance_at(now.timestamp_micros()),
+                ranking::effective_importance(0.7, created_at, i64::from(access_count), now),
+                "{age_micros} us old"
+            );
+        }
     }
 
     #[test]

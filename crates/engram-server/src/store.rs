@@ -242,43 +242,17 @@ impl LiveMemory {
             importance,
             access_count,
         } = self.standing?;
-        Some(rank_at(
-            &self.sketch.id,
-            importance,
-            self.sketch.created_at,
-            access_count,
-            now,
-        ))
+        Some(Ranked {
+            id: &self.sketch.id,
+            created_at: self.sketch.created_at,
+            effective_importance: effective_importance(
+                importance,
+                self.sketch.created_at,
+                i64::from(access_count),
+                now,
+            ),
+        })
     }
-}
-
-fn rank_at(
-    id: &str,
-    importance: f64,
-    created_at: DateTime<Utc>,
-    access_count: i32,
-    now: DateTime<Utc>,
-) -> Ranked<'_> {
-    Ranked {
-        id,
-        created_at,
-        effective_importance: effective_importance(
-            importance,
-            created_at,
-            i64::from(access_count),
-            now,
-        ),
-    }
-}
-
-fn ranked(memory: &row::Model, now: DateTime<Utc>) -> Ranked<'_> {
-    rank_at(
-        &memory.id,
-        memory.importance,
-        memory.created_at,
-        memory.access_count,
-        now,
-    )
 }
 
 /// Neither deleted nor expired at `now` (what `live_at` selects).
@@ -878,12 +852,13 @@ impl MemoryStore {
                     .iter()
                     .any(|kind| kind.as_str() == memory.content_type)
         };
+        let now_micros = now.timestamp_micros();
         let choose = |memories: &mut [CachedMemory]| {
             let mut ranking: Vec<(f64, usize)> = memories
                 .iter()
                 .enumerate()
                 .filter(|(_, memory)| is_live_at(memory, now) && wanted(memory))
-                .map(|(at, memory)| (ranked(memory, now).effective_importance, at))
+                .map(|(at, memory)| (memory.effective_importance_at(now_micros), at))
                 .filter(|(importance, _)| *importance >= min_importance)
                 .collect();
             // The session comes in recency order, so a position breaks ties as `by_rank`
