@@ -68,6 +68,10 @@ fn is_invisible_control(c: char) -> bool {
 }
 
 fn remove_script_uris(mut text: String) -> String {
+    // Every scheme holds a colon, and most text has none: it needs no lowercased copy.
+    if !text.contains(':') {
+        return text;
+    }
     // Repeat until stable: removing one scheme may join the halves of another.
     loop {
         let lowered = text.to_ascii_lowercase();
