@@ -843,17 +843,8 @@ async fn retrieval_breaks_ties_newest_first_then_by_name(backend: Backend) {
     assert!(none.into_inner().memories.is_empty());
     stored(&mut server, "ties", fact("newest single fact")).await;
 
-    let ranked = server
-        .client
-        .retrieve_memories(pb::RetrieveMemoriesRequest {
-            parent: "sessions/ties".to_owned(),
-            page_size: 20,
-            ..Default::default()
-        })
-        .await
-        .expect("retrieve")
-        .into_inner()
-        .memories;
+    // All eight fit in the default page of ten.
+    let ranked = retrieve(&mut server, "ties").await;
     assert_eq!(ranked.len(), 8);
     let mut expected = ranked.clone();
     expected.sort_by(|a, b| {
