@@ -23,7 +23,7 @@ use engram_domain::paging::PageCursor;
 use engram_domain::ranking::{Ranked, choose_evictions, effective_importance, keep_first};
 use engram_domain::{etag, limits, text};
 use rusqlite::types::{Null, ToSqlOutput};
-use sea_orm::sea_query::{Expr, Query};
+use sea_orm::sea_query::{Expr, Query, SelectStatement};
 use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
@@ -454,6 +454,29 @@ fn live_at(now: DateTime<Utc>) -> Condition {
     Condition::all()
         .add(Column::DeletedAt.is_null())
         .add(visible_at(now))
+}
+
+/// Memories neither stored nor retrieved since `stale_before`. The creation time leads, so
+/// the created_at index bounds each sweep to old rows: as a scan, a sweep of a million
+/// memories read the whole table inside its delete, and SQLite's stores waited meanwhile.
+fn stale_at(stale_before: DateTime<Utc>) -> Condition {
+    Condition::all()
+        .add(Column::CreatedAt.lt(stale_before))
+        .add(
+            Condition::any()
+                .add(Column::LastAccessed.is_null())
+                .add(Column::LastAccessed.lt(stale_before)),
+        )
+}
+
+/// The ids of one batch of the sweeper's deletes.
+fn sweep_batch(condition: Condition) -> SelectStatement {
+    Query::select()
+        .column(Column::Id)
+        .from(Memories)
+        .cond_where(condition)
+        .limit(SWEEP_BATCH)
+        .to_owned()
 }
 
 /// Session ids are scoped by tenant: every lookup names both.
@@ -944,17 +967,7 @@ impl MemoryStore {
                         .add(Column::DeletedAt.lte(now - self.policy.soft_delete_retention)),
                 )
                 .await?,
-            stale: self
-                .delete_in_batches(
-                    Condition::any()
-                        .add(Column::LastAccessed.lt(stale_before))
-                        .add(
-                            Condition::all()
-                                .add(Column::LastAccessed.is_null())
-                                .add(Column::CreatedAt.lt(stale_before)),
-                        ),
-                )
-                .await?,
+            stale: self.delete_in_batches(stale_at(stale_before)).await?,
             request_log: memory_request::Entity::delete_many()
                 .filter(
                     memory_request::Column::CreatedAt
@@ -979,14 +992,8 @@ impl MemoryStore {
     async fn delete_in_batches(&self, condition: Condition) -> Result<u64, DbErr> {
         let mut total = 0;
         loop {
-            let batch = Query::select()
-                .column(Column::Id)
-                .from(Memories)
-                .cond_where(condition.clone())
-                .limit(SWEEP_BATCH)
-                .to_owned();
             let deleted = Memories::delete_many()
-                .filter(Column::Id.in_subquery(batch))
+                .filter(Column::Id.in_subquery(sweep_batch(condition.clone())))
                 .exec(&self.db)
                 .await?
                 .rows_affected;
@@ -2672,6 +2679,31 @@ mod tests {
 
         reader.rollback().await.expect("the reader ends");
         assert!(copy_log_beside_writer(&pool, &file).await);
+    }
+
+    /// The stale sweep looks for old rows in the created_at index instead of reading the
+    /// whole table.
+    #[tokio::test]
+    async fn the_stale_sweep_searches_the_created_at_index() {
+        let (_directory, _url, pool) = migrated_database(1).await;
+        let (batch, values) =
+            sweep_batch(stale_at(Utc::now())).build(sea_orm::sea_query::SqliteQueryBuilder);
+        let plan = pool
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                format!("EXPLAIN QUERY PLAN {batch}"),
+                values.0,
+            ))
+            .await
+            .expect("the plan");
+        let steps: Vec<String> = plan
+            .iter()
+            .map(|step| step.try_get::<String>("", "detail").expect("detail"))
+            .collect();
+        assert_eq!(
+            steps,
+            ["SEARCH memories USING INDEX ix_memory_created_at (created_at<?)"]
+        );
     }
 
     /// The SQLite insert ignores every constraint, not only the unique one (`insert_fresh`):

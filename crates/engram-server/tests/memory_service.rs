@@ -29,6 +29,7 @@ on_both_backends!(
     request_id_replays_the_first_response,
     a_store_failing_in_the_database_fails_alone_and_leaves_nothing,
     counted_accesses_reach_the_database_between_stores,
+    the_sweeper_purges_memories_neither_stored_nor_retrieved_for_the_cleanup_days,
 );
 
 async fn stores_and_gets_a_memory_with_python_identical_hashes(backend: Backend) {
@@ -1505,6 +1506,82 @@ async fn counted_accesses_reach_the_database_between_stores(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(written, Some(3), "three accesses written within 5 s");
+    server.stop().await;
+}
+
+/// Memories neither stored nor retrieved within `memory_cleanup_days` (30) leave with the
+/// sweep, and only those: one retrieved yesterday stays however old it is.
+async fn the_sweeper_purges_memories_neither_stored_nor_retrieved_for_the_cleanup_days(
+    backend: Backend,
+) {
+    use engram_domain::entity::memory as row;
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
+
+    let mut server =
+        TestServer::start_with(backend, |settings| settings.sweep_interval_seconds = 1).await;
+    let db = sea_orm::Database::connect(server.database.url())
+        .await
+        .expect("a second connection");
+    let now = chrono::Utc::now();
+    let days_ago = |days| now - chrono::Duration::days(days);
+    // (content, stored, last retrieved, purged)
+    let memories = [
+        (
+            "stored 40 days ago, never retrieved",
+            days_ago(40),
+            None,
+            true,
+        ),
+        (
+            "last retrieved 40 days ago",
+            days_ago(60),
+            Some(days_ago(40)),
+            true,
+        ),
+        (
+            "stored long ago, retrieved yesterday",
+            days_ago(60),
+            Some(days_ago(1)),
+            false,
+        ),
+        (
+            "stored 29 days ago, never retrieved",
+            days_ago(29),
+            None,
+            false,
+        ),
+        ("stored today", now, None, false),
+    ];
+    let mut kept = Vec::new();
+    for (content, created, accessed, purged) in memories {
+        let memory = stored(&mut server, "aging", memory(content)).await;
+        let id = memory.name.rsplit('/').next().expect("a memory id");
+        let aged = row::Entity::update_many()
+            .col_expr(row::Column::CreatedAt, Expr::value(created))
+            .col_expr(row::Column::LastAccessed, Expr::value(accessed))
+            .filter(row::Column::Id.eq(id))
+            .exec(&db)
+            .await
+            .expect("aged");
+        assert_eq!(aged.rows_affected, 1);
+        if !purged {
+            kept.push(memory.name);
+        }
+    }
+    kept.sort();
+
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        let page = server.client.list_memories(list("aging")).await.unwrap();
+        listed = names(&page.into_inner().memories);
+        listed.sort();
+        if listed == kept {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed, kept, "within 5 s of sweeps every second");
     server.stop().await;
 }
 
