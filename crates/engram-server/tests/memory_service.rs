@@ -1571,17 +1571,22 @@ async fn the_sweeper_purges_memories_neither_stored_nor_retrieved_for_the_cleanu
     }
     kept.sort();
 
-    let mut listed = Vec::new();
-    for _ in 0..50 {
-        let page = server.client.list_memories(list("aging")).await.unwrap();
-        listed = names(&page.into_inner().memories);
-        listed.sort();
-        if listed == kept {
-            break;
+    let listed = || {
+        let mut client = server.client.clone();
+        async move {
+            let page = client.list_memories(list("aging")).await.expect("list");
+            let mut found = names(&page.into_inner().memories);
+            found.sort();
+            found
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(listed, kept, "within 5 s of sweeps every second");
+    };
+    // Sweeps run every second; the listing after the wait shows what stayed either way.
+    common::eventually(Duration::from_secs(5), || {
+        let (found, kept) = (listed(), &kept);
+        async move { found.await == *kept }
+    })
+    .await;
+    assert_eq!(listed().await, kept, "within 5 s of sweeps every second");
     server.stop().await;
 }
 
