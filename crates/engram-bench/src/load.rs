@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
-use crate::server::cpu_seconds;
+use crate::server::{CoreTicks, cpu_seconds};
 
 /// One call: the connection to use and a serial number that varies the request.
 pub type Call = Arc<
@@ -39,9 +39,39 @@ pub struct Measured {
     /// CPU seconds the server and this client used while calls were recorded.
     pub server_cpu: Option<f64>,
     pub client_cpu: Option<f64>,
+    /// The machine's core time over the same span, and how much of it idled.
+    pub cores: Option<CoreTicks>,
+}
+
+/// What a scenario is divided by: the ceiling's calls a second and its CPU a call.
+#[derive(Debug, Clone, Copy)]
+pub struct Ceiling {
+    pub per_second: f64,
+    pub cpu_micros: Option<f64>,
 }
 
 impl Measured {
+    pub fn as_ceiling(&self) -> Ceiling {
+        Ceiling {
+            per_second: self.per_second(),
+            cpu_micros: self.total_cpu_micros(),
+        }
+    }
+
+    /// CPU microseconds a call, the server's and the bench's together.
+    pub fn total_cpu_micros(&self) -> Option<f64> {
+        Some(
+            self.cpu_micros_per_call(self.server_cpu)?
+                + self.cpu_micros_per_call(self.client_cpu)?,
+        )
+    }
+
+    /// The largest share of the ceiling this load could reach with every core busy, when the
+    /// server and the bench are all that runs: the ceiling's CPU a call over this load's.
+    pub fn cpu_cap(&self, ceiling: &Ceiling) -> Option<f64> {
+        Some(ceiling.cpu_micros? / self.total_cpu_micros()?)
+    }
+
     pub fn per_second(&self) -> f64 {
         self.ok as f64 / self.seconds
     }
@@ -70,6 +100,7 @@ impl Measured {
         self.ok = self.latency.len();
         self.server_cpu = sum(self.server_cpu, other.server_cpu);
         self.client_cpu = sum(self.client_cpu, other.client_cpu);
+        self.cores = self.cores.zip(other.cores).map(|(a, b)| a.add(b));
     }
 }
 
@@ -160,6 +191,7 @@ async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
         latency: histogram(),
         server_cpu: None,
         client_cpu: None,
+        cores: None,
     };
     for caller in callers {
         let (latency, errors, first_error) = caller.await.expect("caller task");
@@ -173,23 +205,39 @@ async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
         }
     }
     measured.ok = measured.latency.len();
-    (measured.server_cpu, measured.client_cpu) = cpu.await.expect("CPU sampler task");
+    (measured.server_cpu, measured.client_cpu, measured.cores) =
+        cpu.await.expect("CPU sampler task");
     measured
 }
 
-/// CPU seconds of the server and of this process between two instants.
+/// CPU seconds of the server and of this process between two instants, and the machine's
+/// core time meanwhile.
 async fn cpu_used_between(
     from: Instant,
     until: Instant,
     server: Option<u32>,
-) -> (Option<f64>, Option<f64>) {
+) -> (Option<f64>, Option<f64>, Option<CoreTicks>) {
     let client = std::process::id();
+    let sample = || {
+        (
+            server.and_then(cpu_seconds),
+            cpu_seconds(client),
+            CoreTicks::now(),
+        )
+    };
     tokio::time::sleep_until(from.into()).await;
-    let before = (server.and_then(cpu_seconds), cpu_seconds(client));
+    let before = sample();
     tokio::time::sleep_until(until.into()).await;
-    let after = (server.and_then(cpu_seconds), cpu_seconds(client));
+    let after = sample();
     let used = |before: Option<f64>, after: Option<f64>| Some(after? - before?);
-    (used(before.0, after.0), used(before.1, after.1))
+    (
+        used(before.0, after.0),
+        used(before.1, after.1),
+        after
+            .2
+            .zip(before.2)
+            .map(|(after, before)| after.since(before)),
+    )
 }
 
 #[cfg(test)]
@@ -209,6 +257,7 @@ mod tests {
             latency,
             server_cpu,
             client_cpu: Some(seconds),
+            cores: Some(CoreTicks { idle: 10, all: 100 }),
         }
     }
 
@@ -229,13 +278,36 @@ mod tests {
         );
         assert_eq!(measured.client_cpu, Some(6.0));
         assert_eq!(measured.first_error.as_deref(), Some("Unavailable: gone"));
+        assert_eq!(measured.cores, Some(CoreTicks { idle: 20, all: 200 }));
+    }
+
+    #[test]
+    fn the_cpu_cap_is_the_ceiling_cpu_a_call_over_the_load_s() {
+        // 4 calls a second for 2 s: 0.5 s of server and 2 s of client CPU, 312.5 µs a call.
+        let store = slice(&[100, 200, 300, 400, 500, 600, 700, 800], 2.0, Some(0.5));
+        assert_eq!(store.total_cpu_micros(), Some(312_500.0));
+        let ceiling = Ceiling {
+            per_second: 40.0,
+            cpu_micros: Some(62_500.0),
+        };
+        assert_eq!(store.cpu_cap(&ceiling), Some(0.2));
+        let unknown = Ceiling {
+            cpu_micros: None,
+            ..ceiling
+        };
+        assert_eq!(store.cpu_cap(&unknown), None);
+        assert_eq!(store.cpu_cap(&store.as_ceiling()), Some(1.0));
     }
 
     #[test]
     fn cpu_unknown_in_one_slice_is_unknown_for_all() {
         let mut measured = slice(&[100], 1.0, Some(0.5));
-        measured.add(slice(&[100], 1.0, None));
+        measured.add(Measured {
+            cores: None,
+            ..slice(&[100], 1.0, None)
+        });
         assert_eq!(measured.server_cpu, None);
+        assert_eq!(measured.cores, None);
         assert_eq!(measured.cpu_micros_per_call(measured.server_cpu), None);
     }
 }

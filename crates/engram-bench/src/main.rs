@@ -24,7 +24,7 @@ use engram_proto::memory::v1::memory_service_client::MemoryServiceClient;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use load::{Call, Measured, Shape};
+use load::{Call, Ceiling, Measured, Shape};
 use server::{Failure, SpawnedServer};
 use workload::Random;
 
@@ -187,7 +187,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     let mut measure = async |call: Call| {
         let (measured, ceiling) =
             load::alternate(&channels, &shape, call, health_check(), cli.slices).await;
-        let beside = ceiling.per_second();
+        let beside = ceiling.as_ceiling();
         match &mut ceilings {
             Some(all) => all.add(ceiling),
             None => ceilings = Some(ceiling),
@@ -201,13 +201,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Scenario::Retrieve => {
                 let rows = table_size(cli.database_url.as_deref()).await;
                 let (measured, ceiling) = measure(retrieve.clone()).await;
-                report.line("RetrieveMemories", &measured, ceiling, rows);
+                report.line("RetrieveMemories", &measured, &ceiling, rows);
                 retrieve_small = Some((measured.millis_at(0.5), rows));
             }
             Scenario::Store => {
                 let (measured, ceiling) =
                     measure(store_call(prefix.clone(), cli.store_sessions)).await;
-                report.line("StoreMemory", &measured, ceiling, None);
+                report.line("StoreMemory", &measured, &ceiling, None);
             }
             Scenario::Scale => {
                 let url = cli
@@ -222,7 +222,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 );
                 let rows = table_size(Some(url)).await;
                 let (measured, ceiling) = measure(retrieve.clone()).await;
-                report.line("RetrieveMemories (scaled)", &measured, ceiling, rows);
+                report.line("RetrieveMemories (scaled)", &measured, &ceiling, rows);
                 if let Some((small_p50, small_rows)) = retrieve_small {
                     println!(
                         "RetrieveMemories p50: {small_p50:.3} ms at {} memories, {:.3} ms at {} memories: {:.2} x",
@@ -236,7 +236,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
     }
     if let Some(all) = ceilings {
-        report.line("Health/Check (ceiling)", &all, all.per_second(), None);
+        report.line("Health/Check (ceiling)", &all, &all.as_ceiling(), None);
     }
     report.memory();
     Ok(())
@@ -325,8 +325,9 @@ fn retrieve_call(prefix: &str, sessions: u64) -> Call {
     })
 }
 
-/// The printed table: one line per scenario with the ceiling measured beside it, the load
-/// average when it was printed; last, the ceiling over all its slices.
+/// The printed table: one line per scenario with the ceiling measured beside it, the share
+/// of the ceiling its CPU a call allows, the machine's idle time while it was recorded and
+/// the load average when it was printed; last, the ceiling over all its slices.
 struct Report {
     pid: Option<u32>,
 }
@@ -334,10 +335,11 @@ struct Report {
 impl Report {
     fn new(pid: Option<u32>) -> Self {
         println!(
-            "{:<28} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>5}  memories",
+            "{:<28} {:>9} {:>7} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>9} {:>7} {:>7} {:>6} {:>5}  memories",
             "rpc",
             "calls/s",
             "x ceil",
+            "cpu cap",
             "ceil/s",
             "p50 ms",
             "p99 ms",
@@ -346,12 +348,13 @@ impl Report {
             "rss MiB",
             "srv us",
             "cli us",
+            "idle %",
             "load"
         );
         Self { pid }
     }
 
-    fn line(&mut self, name: &str, measured: &Measured, ceiling: f64, rows: Option<u64>) {
+    fn line(&mut self, name: &str, measured: &Measured, ceiling: &Ceiling, rows: Option<u64>) {
         let rss = self
             .pid
             .and_then(server::resident_mib)
@@ -362,10 +365,18 @@ impl Report {
                 .map_or("?".to_owned(), |micros| format!("{micros:.1}"))
         };
         let (server_cpu, client_cpu) = (cpu(measured.server_cpu), cpu(measured.client_cpu));
+        let cap = measured
+            .cpu_cap(ceiling)
+            .map_or("?".to_owned(), |cap| format!("{cap:.2}"));
+        let idle = measured
+            .cores
+            .and_then(|cores| cores.idle_share())
+            .map_or("?".to_owned(), |idle| format!("{:.1}", idle * 100.0));
         println!(
-            "{name:<28} {:>9.0} {:>7.2} {ceiling:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {:>5}  {}",
+            "{name:<28} {:>9.0} {:>7.2} {cap:>7} {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {idle:>6} {:>5}  {}",
             measured.per_second(),
-            measured.per_second() / ceiling,
+            measured.per_second() / ceiling.per_second,
+            ceiling.per_second,
             measured.millis_at(0.5),
             measured.millis_at(0.99),
             measured.millis_at(0.999),

@@ -150,6 +150,54 @@ fn cpu_ticks(stat: &str) -> Option<u64> {
     Some(user + system)
 }
 
+/// Time of all the machine's cores from /proc/stat, in ticks: how much of it they idled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CoreTicks {
+    /// Idle, waiting for I/O included.
+    pub idle: u64,
+    pub all: u64,
+}
+
+impl CoreTicks {
+    pub fn now() -> Option<Self> {
+        core_ticks(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            idle: self.idle.saturating_sub(earlier.idle),
+            all: self.all.saturating_sub(earlier.all),
+        }
+    }
+
+    pub fn add(self, other: Self) -> Self {
+        Self {
+            idle: self.idle + other.idle,
+            all: self.all + other.all,
+        }
+    }
+
+    /// Share of the time the cores idled.
+    pub fn idle_share(self) -> Option<f64> {
+        (self.all > 0).then(|| self.idle as f64 / self.all as f64)
+    }
+}
+
+/// The first line of /proc/stat: user, nice, system, idle, iowait, irq, softirq and steal
+/// ticks of all cores together (the guest fields after them are already counted in user).
+fn core_ticks(stat: &str) -> Option<CoreTicks> {
+    let fields = stat.lines().next()?.strip_prefix("cpu ")?;
+    let ticks: Vec<u64> = fields
+        .split_whitespace()
+        .take(8)
+        .map(|field| field.parse().ok())
+        .collect::<Option<_>>()?;
+    Some(CoreTicks {
+        idle: ticks.get(3)? + ticks.get(4)?,
+        all: ticks.iter().sum(),
+    })
+}
+
 /// The 1-minute load average, to set beside every figure.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
@@ -207,6 +255,26 @@ mod tests {
         let stat = "4242 (engram (a b)) S 1 4242 4242 0 -1 4194304 1510 0 0 0 731 96 0 0 20 0 9 0";
         assert_eq!(cpu_ticks(stat), Some(731 + 96));
         assert_eq!(cpu_ticks("4242 (engram) S 1"), None, "too short");
+    }
+
+    #[test]
+    fn core_ticks_count_iowait_as_idle_and_leave_guest_time_out() {
+        let stat = "cpu  100 5 40 800 20 3 2 30 7 0\ncpu0 50 2 20 400 10 1 1 15 3 0\n";
+        let ticks = core_ticks(stat).expect("a cpu line");
+        assert_eq!(
+            ticks,
+            CoreTicks {
+                idle: 820,
+                all: 1000
+            }
+        );
+        let later = CoreTicks {
+            idle: 870,
+            all: 1200,
+        };
+        assert_eq!(later.since(ticks).idle_share(), Some(0.25));
+        assert_eq!(core_ticks("cpu0 1 2 3 4 5\n"), None, "no all-core line");
+        assert_eq!(CoreTicks::default().idle_share(), None);
     }
 
     #[test]
