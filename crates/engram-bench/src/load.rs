@@ -43,7 +43,7 @@ pub struct Measured {
     pub cores: Option<CoreTicks>,
 }
 
-/// What a scenario is divided by: the ceiling's calls a second and its CPU a call.
+/// What a scenario is divided by: the ceiling's calls a second and the machine's CPU a call.
 #[derive(Debug, Clone, Copy)]
 pub struct Ceiling {
     pub per_second: f64,
@@ -54,22 +54,20 @@ impl Measured {
     pub fn as_ceiling(&self) -> Ceiling {
         Ceiling {
             per_second: self.per_second(),
-            cpu_micros: self.total_cpu_micros(),
+            cpu_micros: self.machine_cpu_micros(),
         }
     }
 
-    /// CPU microseconds a call, the server's and the bench's together.
-    pub fn total_cpu_micros(&self) -> Option<f64> {
-        Some(
-            self.cpu_micros_per_call(self.server_cpu)?
-                + self.cpu_micros_per_call(self.client_cpu)?,
-        )
+    /// CPU microseconds a call of every process on the machine: the server's, the bench's,
+    /// PostgreSQL's, and the little that others run meanwhile.
+    pub fn machine_cpu_micros(&self) -> Option<f64> {
+        self.cpu_micros_per_call(Some(self.cores?.busy_seconds()))
     }
 
-    /// The largest share of the ceiling this load could reach with every core busy, when the
-    /// server and the bench are all that runs: the ceiling's CPU a call over this load's.
+    /// The largest share of the ceiling this load could reach with every core busy: the
+    /// ceiling's machine CPU a call over this load's.
     pub fn cpu_cap(&self, ceiling: &Ceiling) -> Option<f64> {
-        Some(ceiling.cpu_micros? / self.total_cpu_micros()?)
+        Some(ceiling.cpu_micros? / self.machine_cpu_micros()?)
     }
 
     pub fn per_second(&self) -> f64 {
@@ -282,13 +280,13 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_cap_is_the_ceiling_cpu_a_call_over_the_load_s() {
-        // 4 calls a second for 2 s: 0.5 s of server and 2 s of client CPU, 312.5 µs a call.
+    fn the_cpu_cap_is_the_ceiling_machine_cpu_a_call_over_the_load_s() {
+        // 8 calls while the cores were busy 90 of 100 ticks: 0.9 s, 112.5 ms a call.
         let store = slice(&[100, 200, 300, 400, 500, 600, 700, 800], 2.0, Some(0.5));
-        assert_eq!(store.total_cpu_micros(), Some(312_500.0));
+        assert_eq!(store.machine_cpu_micros(), Some(112_500.0));
         let ceiling = Ceiling {
             per_second: 40.0,
-            cpu_micros: Some(62_500.0),
+            cpu_micros: Some(22_500.0),
         };
         assert_eq!(store.cpu_cap(&ceiling), Some(0.2));
         let unknown = Ceiling {
@@ -308,6 +306,7 @@ mod tests {
         });
         assert_eq!(measured.server_cpu, None);
         assert_eq!(measured.cores, None);
+        assert_eq!(measured.machine_cpu_micros(), None);
         assert_eq!(measured.cpu_micros_per_call(measured.server_cpu), None);
     }
 }

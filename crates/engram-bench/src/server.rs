@@ -133,11 +133,13 @@ pub fn resident_mib(pid: u32) -> Option<(f64, f64)> {
     Some((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// Ticks a second in /proc (USER_HZ: 100 in Linux's user ABI on x86 and ARM).
+const TICKS_A_SECOND: f64 = 100.0;
+
 /// CPU time (user and system, all threads) of a process from /proc, in seconds.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // USER_HZ: 100 ticks a second in Linux's user ABI on x86 and ARM.
-    cpu_ticks(&stat).map(|ticks| ticks as f64 / 100.0)
+    cpu_ticks(&stat).map(|ticks| ticks as f64 / TICKS_A_SECOND)
 }
 
 /// utime + stime of a /proc/PID/stat line; the command name before them is in parentheses
@@ -180,6 +182,11 @@ impl CoreTicks {
     /// Share of the time the cores idled.
     pub fn idle_share(self) -> Option<f64> {
         (self.all > 0).then(|| self.idle as f64 / self.all as f64)
+    }
+
+    /// Seconds the cores were busy, every process's work together.
+    pub fn busy_seconds(self) -> f64 {
+        self.all.saturating_sub(self.idle) as f64 / TICKS_A_SECOND
     }
 }
 
@@ -273,6 +280,7 @@ mod tests {
             all: 1200,
         };
         assert_eq!(later.since(ticks).idle_share(), Some(0.25));
+        assert_eq!(later.since(ticks).busy_seconds(), 1.5);
         assert_eq!(core_ticks("cpu0 1 2 3 4 5\n"), None, "no all-core line");
         assert_eq!(CoreTicks::default().idle_share(), None);
     }
