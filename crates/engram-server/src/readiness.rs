@@ -35,7 +35,17 @@ pub async fn watch(
                 Err(error) => tracing::warn!(%error, "migrations not applied yet; retrying"),
             }
         }
-        let ready = migrated && schema_is_current(&db).await;
+        let ready = migrated
+            && match schema_is_current(&db).await {
+                Ok(()) => true,
+                Err(why) => {
+                    // Once per outage, not every interval.
+                    if was_ready != Some(false) {
+                        tracing::warn!(%why, "readiness check failed");
+                    }
+                    false
+                }
+            };
         if was_ready != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving
@@ -59,12 +69,16 @@ pub async fn watch(
     }
 }
 
-/// Reachable, and every migration this binary knows is applied.
-async fn schema_is_current(db: &DatabaseConnection) -> bool {
-    db.ping().await.is_ok()
-        && Migrator::get_pending_migrations_read_only(db)
-            .await
-            .is_ok_and(|pending| pending.is_empty())
+/// Reachable, and every migration this binary knows is applied; if not, why.
+async fn schema_is_current(db: &DatabaseConnection) -> Result<(), String> {
+    db.ping().await.map_err(|error| format!("ping: {error}"))?;
+    let pending = Migrator::get_pending_migrations_read_only(db)
+        .await
+        .map_err(|error| format!("reading the applied migrations: {error}"))?;
+    match pending.len() {
+        0 => Ok(()),
+        count => Err(format!("{count} migrations not applied")),
+    }
 }
 
 fn record_pool_use(db: &DatabaseConnection) {
