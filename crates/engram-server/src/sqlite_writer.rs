@@ -6,7 +6,8 @@
 //!
 //! The store groups and the access flushes share the connection, one transaction at a time:
 //! its own commits leave `PRAGMA data_version` as it was, so the writer keeps trusting what
-//! it remembers of its sessions (`LiveSets`).
+//! it remembers of its sessions (`LiveSets`). The checkpoints beside the writer run on a
+//! connection of this kind too, which syncs the database file through SQLite's own handle.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::{FromSql, ToSqlOutput, Value as Sqlite};
-use rusqlite::{Connection, OpenFlags, Row, ToSql};
+use rusqlite::{Connection, OpenFlags, Row, ToSql, ffi};
 use sea_orm::{DbErr, RuntimeErr, Statement, TryGetableMany, Value};
 
 /// Prepared statements kept: a group's read of its sessions' live memories and its eviction
@@ -78,6 +79,49 @@ impl DirectSqlite {
     ) -> Result<Vec<T>, DbErr> {
         let _turn = self.turn.lock().await;
         self.query(statement)
+    }
+
+    /// [`Self::query_between_transactions`] from a thread that may block (not the runtime's).
+    pub fn query_between_transactions_blocking<T: Columns>(
+        &self,
+        statement: Statement,
+    ) -> Result<Vec<T>, DbErr> {
+        let _turn = self.turn.blocking_lock();
+        self.query(statement)
+    }
+
+    /// Flushes the database file to disk through the connection's own file handle (blocks).
+    /// Opening the file anew to sync it would not do: closing any descriptor of a file drops
+    /// every POSIX lock the process holds on it, SQLite's included, and another process could
+    /// then take itself for the database's last user and delete the write-ahead log.
+    pub fn sync_database_file(&self) -> Result<(), DbErr> {
+        let connection = self.connection.lock().expect("the connection");
+        let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+        // SAFETY: the handle is this open connection's, used by no one else while its lock is
+        // held; FILE_POINTER only writes the main database's file object into `file`.
+        let found = unsafe {
+            ffi::sqlite3_file_control(
+                connection.handle(),
+                c"main".as_ptr(),
+                ffi::SQLITE_FCNTL_FILE_POINTER,
+                (&raw mut file).cast(),
+            )
+        };
+        if found != ffi::SQLITE_OK || file.is_null() {
+            return Err(sqlite_code_error("finding the database file", found));
+        }
+        // SAFETY: `file` is the connection's open file, valid while the connection is; every
+        // open file of SQLite's VFS has its methods, and the lock keeps other users out.
+        let synced = unsafe {
+            match (*(*file).pMethods).xSync {
+                Some(sync) => sync(file, ffi::SQLITE_SYNC_NORMAL | ffi::SQLITE_SYNC_DATAONLY),
+                None => ffi::SQLITE_MISUSE,
+            }
+        };
+        match synced {
+            ffi::SQLITE_OK => Ok(()),
+            code => Err(sqlite_code_error("syncing the database file", code)),
+        }
     }
 
     /// Runs a statement that reads nothing (rows it returns are stepped through and dropped).
@@ -263,6 +307,14 @@ pub fn timestamp(value: &DateTime<Utc>) -> String {
 
 /// SQLITE_BUSY and SQLITE_LOCKED mean another connection held its write lock past the busy
 /// timeout: a retry can cure them, as it can a lost connection.
+/// A failed call of SQLite's C interface, by its result code.
+fn sqlite_code_error(what: &str, code: std::ffi::c_int) -> DbErr {
+    database_error(rusqlite::Error::SqliteFailure(
+        ffi::Error::new(code),
+        Some(what.to_owned()),
+    ))
+}
+
 fn database_error(error: rusqlite::Error) -> DbErr {
     let busy = matches!(
         error.sqlite_error_code(),

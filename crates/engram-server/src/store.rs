@@ -28,7 +28,7 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue, ColumnTrait, Condition, ConnectOptions, ConnectionTrait,
     Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
     IntoActiveModel, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait,
-    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, TryGetableMany, Value,
+    SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
 };
 
 use crate::access::{AccessTracker, Accesses, Tracked};
@@ -368,11 +368,7 @@ pub fn connect_writer(url: &str, pool: &DatabaseConnection) -> Result<Writer, Db
     }
     let file = sqlite_file(url)
         .ok_or_else(|| DbErr::Custom("the SQLite writer needs a database file".to_owned()))?;
-    let settings: String = SQLITE_PRAGMAS
-        .iter()
-        .chain(&SQLITE_WRITER_PRAGMAS)
-        .map(|(name, value)| format!("PRAGMA {name} = {value};"))
-        .collect();
+    let settings = pragma_lines(SQLITE_PRAGMAS.iter().chain(&SQLITE_WRITER_PRAGMAS));
     let sqlite = DirectSqlite::open(&file, SQLITE_BUSY_TIMEOUT, &settings)?;
     Ok(Writer::Sqlite(Arc::new(sqlite)))
 }
@@ -499,7 +495,6 @@ impl MemoryStore {
         let log_copied = Arc::new(AtomicBool::new(false));
         if let Writer::Sqlite(sqlite) = &writer {
             tokio::spawn(checkpoint_every(
-                db.clone(),
                 sqlite.file().to_owned(),
                 Arc::downgrade(&accesses),
                 CHECKPOINT_INTERVAL,
@@ -2409,11 +2404,11 @@ async fn listen_for_changes(db: DatabaseConnection, cache: Weak<SessionCache>) {
 }
 
 /// SQLite: checkpoints the write-ahead log every `interval`, beside the writer (PASSIVE: never
-/// waits for it), so that the copying runs off its thread and its own checkpoint
-/// (`Tables::checkpoint`) finds little left. After a round that copied the whole log,
-/// `log_copied` tells the writer to checkpoint now. Ends when `store` is gone.
+/// waits for it), on a connection of its own (`open_checkpointer`, opened on the first round
+/// and again after a failure), so that the copying runs off the writer's thread and its own
+/// checkpoint (`Tables::checkpoint`) finds little left. After a round that copied the whole
+/// log, `log_copied` tells the writer to checkpoint now. Ends when `store` is gone.
 async fn checkpoint_every<T>(
-    db: DatabaseConnection,
     file: PathBuf,
     store: Weak<T>,
     interval: StdDuration,
@@ -2421,21 +2416,55 @@ async fn checkpoint_every<T>(
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpointer: Option<DirectSqlite> = None;
     loop {
         ticks.tick().await;
         if store.strong_count() == 0 {
             return;
         }
-        if copy_log_beside_writer(&db, &file).await {
-            log_copied.store(true, Ordering::Release);
+        let (file, opened) = (file.clone(), checkpointer.take());
+        let round = tokio::task::spawn_blocking(move || {
+            let sqlite = match opened {
+                Some(sqlite) => sqlite,
+                None => open_checkpointer(&file)?,
+            };
+            Ok::<_, DbErr>((copy_log_beside_writer(&sqlite), sqlite))
+        })
+        .await;
+        match round {
+            Ok(Ok((copied, sqlite))) => {
+                checkpointer = Some(sqlite);
+                if copied {
+                    log_copied.store(true, Ordering::Release);
+                }
+            }
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "opening the checkpoint connection failed; retrying");
+            }
+            Err(error) => tracing::warn!(%error, "a checkpoint round failed; retrying"),
         }
     }
 }
 
+/// The connection of the checkpoints beside the writer.
+fn open_checkpointer(file: &Path) -> Result<DirectSqlite, DbErr> {
+    let settings = pragma_lines(&SQLITE_PRAGMAS);
+    DirectSqlite::open(file, SQLITE_BUSY_TIMEOUT, &settings)
+}
+
+/// `PRAGMA name = value;` lines, for `DirectSqlite::open`.
+fn pragma_lines<'a>(pragmas: impl IntoIterator<Item = &'a (&'a str, &'a str)>) -> String {
+    pragmas
+        .into_iter()
+        .map(|(name, value)| format!("PRAGMA {name} = {value};"))
+        .collect()
+}
+
 /// Two PASSIVE checkpoints, the second copying only what was committed during the first,
-/// then the copies synced to `file`. Whether every frame was copied and synced.
-async fn copy_log_beside_writer(db: &DatabaseConnection, file: &Path) -> bool {
-    checkpoint_wal(db).await && checkpoint_wal(db).await && sync_data(file).await
+/// then the copies synced to the database file. Whether every frame was copied and synced.
+/// Blocks the calling thread.
+fn copy_log_beside_writer(checkpointer: &DirectSqlite) -> bool {
+    checkpoint_wal(checkpointer) && checkpoint_wal(checkpointer) && sync_data(checkpointer)
 }
 
 /// Whether the SQLite writer should checkpoint, `since` its last checkpoint that copied every
@@ -2451,8 +2480,8 @@ fn writer_checkpoint_due(since: StdDuration, copied_just_now: bool) -> bool {
 /// Flushes what checkpoints copied into the database file. SQLite syncs the file only after
 /// a checkpoint that caught up with the writer, which beside a busy writer only the writer's
 /// own does: it then spent 11 to 16 ms of every call's wait in that sync.
-async fn sync_data(file: &Path) -> bool {
-    let synced = async { tokio::fs::File::open(file).await?.sync_data().await }.await;
+fn sync_data(checkpointer: &DirectSqlite) -> bool {
+    let synced = checkpointer.sync_database_file();
     if let Err(error) = &synced {
         tracing::warn!(%error, "syncing the database file failed; retrying");
     }
@@ -2462,17 +2491,11 @@ async fn sync_data(file: &Path) -> bool {
 /// A PASSIVE checkpoint of SQLite's write-ahead log.
 const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
 
-/// A PASSIVE checkpoint on a pooled connection; whether it copied every frame.
-async fn checkpoint_wal(db: &DatabaseConnection) -> bool {
-    let outcome = db
-        .query_one_raw(Statement::from_string(DbBackend::Sqlite, CHECKPOINT))
-        .await
-        .and_then(|row| {
-            row.map(|row| <(i64, i64, i64)>::try_get_many_by_index(&row))
-                .transpose()
-                .map_err(DbErr::from)
-        });
-    copied_every_frame(outcome)
+/// A PASSIVE checkpoint on the checkpointer's connection; whether it copied every frame.
+fn checkpoint_wal(checkpointer: &DirectSqlite) -> bool {
+    let checkpoint = Statement::from_string(DbBackend::Sqlite, CHECKPOINT);
+    let outcome = checkpointer.query_between_transactions_blocking(checkpoint);
+    copied_every_frame(outcome.map(|mut rows| rows.pop()))
 }
 
 /// Whether a checkpoint's outcome (busy, frames in the log, frames copied) copied them all.
@@ -2653,16 +2676,23 @@ mod tests {
         );
     }
 
+    /// A checkpoint round as `checkpoint_every` runs it: on a thread that may block.
+    async fn copy_round(checkpointer: &Arc<DirectSqlite>) -> bool {
+        let checkpointer = checkpointer.clone();
+        tokio::task::spawn_blocking(move || copy_log_beside_writer(&checkpointer))
+            .await
+            .expect("the round")
+    }
+
     /// The writer is told to checkpoint only after a round beside it copied every frame:
     /// not while a reader's snapshot holds frames back.
     #[tokio::test]
     async fn the_copy_beside_the_writer_succeeds_only_when_every_frame_is_copied() {
         let (_directory, url, pool) = migrated_database(3).await;
         let file = sqlite_file(&url).expect("a database file");
-        assert!(
-            copy_log_beside_writer(&pool, &file).await,
-            "the migrations' frames"
-        );
+        let checkpointer =
+            Arc::new(open_checkpointer(&file).expect("the checkpointer's connection"));
+        assert!(copy_round(&checkpointer).await, "the migrations' frames");
 
         let reader = pool.begin().await.expect("a read transaction");
         reader
@@ -2673,12 +2703,71 @@ mod tests {
             .await
             .expect("frames after the snapshot");
         assert!(
-            !copy_log_beside_writer(&pool, &file).await,
+            !copy_round(&checkpointer).await,
             "frames newer than a reader's snapshot cannot be copied yet"
         );
 
         reader.rollback().await.expect("the reader ends");
-        assert!(copy_log_beside_writer(&pool, &file).await);
+        assert!(copy_round(&checkpointer).await);
+    }
+
+    /// Whether some connection holds SQLite's shared lock on the database file, asked with an
+    /// open-file-description lock: those conflict with the POSIX locks SQLite takes even
+    /// within one process, so the answer is what another process would see.
+    #[cfg(target_os = "linux")]
+    fn shared_lock_held(probe: &std::fs::File) -> bool {
+        use std::os::fd::AsRawFd;
+        // SQLite's lock bytes: PENDING at 1 GiB, then RESERVED, then 510 SHARED bytes.
+        const SHARED_FIRST: libc::off_t = 0x4000_0000 + 2;
+        const SHARED_SIZE: libc::off_t = 510;
+        // SAFETY: a zeroed flock is a valid argument; F_OFD_GETLK only fills it in.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        lock.l_start = SHARED_FIRST;
+        lock.l_len = SHARED_SIZE;
+        // SAFETY: the descriptor is open for as long as `probe` lives.
+        let asked = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &raw mut lock) };
+        assert_eq!(asked, 0, "F_OFD_GETLK: {}", std::io::Error::last_os_error());
+        lock.l_type != libc::F_UNLCK as libc::c_short
+    }
+
+    /// The checkpoint rounds beside the writer leave SQLite's locks in place. Closing any
+    /// descriptor of a file drops every POSIX lock the process holds on it; a round that
+    /// opened and closed the database file to sync it let another process (an operator's
+    /// `sqlite3`, a backup tool) take itself for the last user and delete the write-ahead
+    /// log and its index under the running service, whose reads then failed.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_checkpoint_round_keeps_the_locks_that_tell_other_processes_the_file_is_open() {
+        let (_directory, url, pool) = migrated_database(1).await;
+        let file = sqlite_file(&url).expect("a database file");
+        let writer = connect_writer(&url, &pool).expect("the writer's connection");
+        // Opened before the rounds and kept open, so that the probe drops no lock itself.
+        let probe = std::fs::File::open(&file).expect("the database file");
+        assert!(
+            shared_lock_held(&probe),
+            "the open connections' shared lock"
+        );
+
+        let checkpointer =
+            Arc::new(open_checkpointer(&file).expect("the checkpointer's connection"));
+        for _ in 0..2 {
+            pool.execute_unprepared(
+                "CREATE TABLE IF NOT EXISTS scratch (x); INSERT INTO scratch VALUES (1)",
+            )
+            .await
+            .expect("frames to copy");
+            assert!(
+                copy_round(&checkpointer).await,
+                "the round copies every frame"
+            );
+        }
+        assert!(
+            shared_lock_held(&probe),
+            "after the rounds, another process must still see the database in use"
+        );
+        drop((writer, checkpointer));
     }
 
     /// The stale sweep looks for old rows in the created_at index instead of reading the
