@@ -110,10 +110,10 @@ impl DirectSqlite {
         if found != ffi::SQLITE_OK || file.is_null() {
             return Err(sqlite_code_error("finding the database file", found));
         }
-        // SAFETY: `file` is the connection's open file, valid while the connection is; every
-        // open file of SQLite's VFS has its methods, and the lock keeps other users out.
+        // SAFETY: `file` is the connection's file object, valid while the connection is; its
+        // methods are checked for before use, and the lock keeps other users out.
         let synced = unsafe {
-            match (*(*file).pMethods).xSync {
+            match (*file).pMethods.as_ref().and_then(|methods| methods.xSync) {
                 Some(sync) => sync(file, ffi::SQLITE_SYNC_NORMAL | ffi::SQLITE_SYNC_DATAONLY),
                 None => ffi::SQLITE_MISUSE,
             }
@@ -305,8 +305,6 @@ pub fn timestamp(value: &DateTime<Utc>) -> String {
     value.to_rfc3339_opts(SecondsFormat::AutoSi, false)
 }
 
-/// SQLITE_BUSY and SQLITE_LOCKED mean another connection held its write lock past the busy
-/// timeout: a retry can cure them, as it can a lost connection.
 /// A failed call of SQLite's C interface, by its result code.
 fn sqlite_code_error(what: &str, code: std::ffi::c_int) -> DbErr {
     database_error(rusqlite::Error::SqliteFailure(
@@ -315,6 +313,8 @@ fn sqlite_code_error(what: &str, code: std::ffi::c_int) -> DbErr {
     ))
 }
 
+/// SQLITE_BUSY and SQLITE_LOCKED mean another connection held its write lock past the busy
+/// timeout: a retry can cure them, as it can a lost connection.
 fn database_error(error: rusqlite::Error) -> DbErr {
     let busy = matches!(
         error.sqlite_error_code(),
