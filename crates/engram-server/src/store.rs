@@ -1095,9 +1095,7 @@ impl Tables {
         match &self.writer {
             Writer::Pool(_) => true,
             Writer::Sqlite(sqlite) => {
-                let checkpoint = Statement::from_string(DbBackend::Sqlite, CHECKPOINT);
-                let outcome = sqlite.query_between_transactions(checkpoint).await;
-                copied_every_frame(outcome.map(|mut rows| rows.pop()))
+                copied_every_frame(sqlite.query_between_transactions(checkpoint()).await)
             }
         }
     }
@@ -2489,20 +2487,21 @@ fn sync_data(checkpointer: &DirectSqlite) -> bool {
 }
 
 /// A PASSIVE checkpoint of SQLite's write-ahead log.
-const CHECKPOINT: &str = "PRAGMA wal_checkpoint(PASSIVE)";
+fn checkpoint() -> Statement {
+    Statement::from_string(DbBackend::Sqlite, "PRAGMA wal_checkpoint(PASSIVE)")
+}
 
 /// A PASSIVE checkpoint on the checkpointer's connection; whether it copied every frame.
 fn checkpoint_wal(checkpointer: &DirectSqlite) -> bool {
-    let checkpoint = Statement::from_string(DbBackend::Sqlite, CHECKPOINT);
-    let outcome = checkpointer.query_between_transactions_blocking(checkpoint);
-    copied_every_frame(outcome.map(|mut rows| rows.pop()))
+    copied_every_frame(checkpointer.query_between_transactions_blocking(checkpoint()))
 }
 
-/// Whether a checkpoint's outcome (busy, frames in the log, frames copied) copied them all.
-fn copied_every_frame(outcome: Result<Option<(i64, i64, i64)>, DbErr>) -> bool {
-    match outcome {
-        Ok(Some((busy, frames, copied))) => busy == 0 && frames == copied,
-        Ok(None) => false,
+/// Whether a checkpoint's outcome (its row: busy, frames in the log, frames copied) copied
+/// them all.
+fn copied_every_frame(outcome: Result<Vec<(i64, i64, i64)>, DbErr>) -> bool {
+    match outcome.as_deref() {
+        Ok([(busy, frames, copied)]) => *busy == 0 && frames == copied,
+        Ok(_) => false,
         Err(error) => {
             tracing::warn!(%error, "checkpointing the write-ahead log failed; retrying");
             false
