@@ -126,11 +126,12 @@ pub async fn alternate(
         warmup: shape.warmup,
         ..slice
     };
-    let mut measured = run(channels, &first, call.clone()).await;
-    let mut beside = run(channels, &slice, ceiling.clone()).await;
-    for _ in 1..slices {
-        measured.add(run(channels, &slice, call.clone()).await);
-        beside.add(run(channels, &slice, ceiling.clone()).await);
+    let mut measured = run(channels, &first, call.clone(), 0).await;
+    let mut beside = run(channels, &slice, ceiling.clone(), 0).await;
+    for index in 1..slices {
+        let first_caller = u64::from(index) * shape.concurrency as u64;
+        measured.add(run(channels, &slice, call.clone(), first_caller).await);
+        beside.add(run(channels, &slice, ceiling.clone(), first_caller).await);
     }
     (measured, beside)
 }
@@ -140,7 +141,10 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
+/// Callers are numbered across a load's slices (`first_caller` is the slice's first) and each
+/// counts its serials from its number times 2^32, so no two calls of a load share a serial: a
+/// slice of stores sends new facts, not the ones of the slice before it again as duplicates.
+async fn run(channels: &[Channel], shape: &Shape, call: Call, first_caller: u64) -> Measured {
     let started = Instant::now();
     let recording_from = started + shape.warmup;
     let until = recording_from + shape.duration;
@@ -152,7 +156,7 @@ async fn run(channels: &[Channel], shape: &Shape, call: Call) -> Measured {
             tokio::spawn(async move {
                 let mut latency = histogram();
                 let (mut errors, mut first_error) = (0u64, None);
-                let mut serial = (caller as u64) << 40;
+                let mut serial = (first_caller + caller as u64) << 32;
                 loop {
                     let sent = Instant::now();
                     if sent >= until {
@@ -295,6 +299,37 @@ mod tests {
         };
         assert_eq!(store.cpu_cap(&unknown), None);
         assert_eq!(store.cpu_cap(&store.as_ceiling()), Some(1.0));
+    }
+
+    #[tokio::test]
+    async fn no_two_calls_of_a_load_share_a_serial_across_its_slices() {
+        let recording = |sent: Arc<std::sync::Mutex<Vec<u64>>>| -> Call {
+            Arc::new(move |_, serial| {
+                sent.lock().unwrap().push(serial);
+                Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok(())
+                })
+            })
+        };
+        let sent = Arc::default();
+        let (call, ceiling) = (recording(Arc::clone(&sent)), recording(Arc::default()));
+        let unused = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let shape = Shape {
+            concurrency: 3,
+            warmup: Duration::ZERO,
+            duration: Duration::from_millis(300),
+            server_pid: None,
+        };
+
+        let (measured, _) = alternate(&[unused], &shape, call, ceiling, 3).await;
+
+        let mut serials = sent.lock().unwrap().clone();
+        let calls = serials.len();
+        serials.sort_unstable();
+        serials.dedup();
+        assert!(measured.ok > 0 && calls > 3 * 3);
+        assert_eq!(serials.len(), calls, "a slice repeated serials of another");
     }
 
     #[test]
