@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod auth;
+mod batched_log;
 pub mod convert;
 pub mod error;
 pub mod group_commit;

@@ -8,7 +8,9 @@
 //! its own commits leave `PRAGMA data_version` as it was, so the writer keeps trusting what
 //! it remembers of its sessions (`LiveSets`). The checkpoints beside the writer run on a
 //! connection of this kind too, which syncs the database file through SQLite's own handle.
+//! The writer's own connection writes its log through `batched_log`, a commit at a time.
 
+use std::ffi::CStr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -17,6 +19,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::types::{FromSql, ToSqlOutput, Value as Sqlite};
 use rusqlite::{Connection, OpenFlags, Row, ToSql, ffi};
 use sea_orm::{DbErr, RuntimeErr, Statement, TryGetableMany, Value};
+
+use crate::batched_log;
 
 /// Prepared statements kept: a group's read of its sessions' live memories and its eviction
 /// vary with its number of sessions and of evicted rows.
@@ -41,8 +45,28 @@ impl DirectSqlite {
     /// migrations), applies `settings` (SQL run once, such as `PRAGMA` lines) and waits up
     /// to `busy_timeout` for another connection's write lock.
     pub fn open(file: &Path, busy_timeout: Duration, settings: &str) -> Result<Self, DbErr> {
+        Self::open_on(None, file, busy_timeout, settings)
+    }
+
+    /// [`Self::open`] for the group-commit writer, whose log frames are written a commit at
+    /// a time (`batched_log`).
+    pub fn open_writer(file: &Path, busy_timeout: Duration, settings: &str) -> Result<Self, DbErr> {
+        Self::open_on(batched_log::register(), file, busy_timeout, settings)
+    }
+
+    /// [`Self::open`] with `vfs`, or SQLite's default VFS.
+    fn open_on(
+        vfs: Option<&CStr>,
+        file: &Path,
+        busy_timeout: Duration,
+        settings: &str,
+    ) -> Result<Self, DbErr> {
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection = Connection::open_with_flags(file, flags).map_err(database_error)?;
+        let connection = match vfs {
+            Some(vfs) => Connection::open_with_flags_and_vfs(file, flags, vfs),
+            None => Connection::open_with_flags(file, flags),
+        }
+        .map_err(database_error)?;
         connection
             .busy_timeout(busy_timeout)
             .map_err(database_error)?;
@@ -121,6 +145,17 @@ impl DirectSqlite {
         match synced {
             ffi::SQLITE_OK => Ok(()),
             code => Err(sqlite_code_error("syncing the database file", code)),
+        }
+    }
+
+    /// Ends a transaction in the log's writes (`batched_log::settle`).
+    fn settle_log(&self, committed: bool) -> Result<(), DbErr> {
+        let connection = self.connection.lock().expect("the connection");
+        // SAFETY: the handle is this open connection's, used by no one else while its lock
+        // is held.
+        match unsafe { batched_log::settle(connection.handle(), committed) } {
+            ffi::SQLITE_OK => Ok(()),
+            code => Err(sqlite_code_error("writing the log", code)),
         }
     }
 
@@ -231,7 +266,7 @@ impl SqliteTransaction<'_> {
     pub fn commit(mut self) -> Result<(), DbErr> {
         self.sqlite.execute_unprepared("COMMIT")?;
         self.open = false;
-        Ok(())
+        self.sqlite.settle_log(true)
     }
 }
 
@@ -241,6 +276,7 @@ impl Drop for SqliteTransaction<'_> {
             // Nothing of it stays. A failed statement or COMMIT may have ended the
             // transaction already; then there is nothing to roll back.
             let _ = self.sqlite.execute_unprepared("ROLLBACK");
+            let _ = self.sqlite.settle_log(false);
         }
     }
 }

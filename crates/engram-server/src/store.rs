@@ -369,7 +369,7 @@ pub fn connect_writer(url: &str, pool: &DatabaseConnection) -> Result<Writer, Db
     let file = sqlite_file(url)
         .ok_or_else(|| DbErr::Custom("the SQLite writer needs a database file".to_owned()))?;
     let settings = pragma_lines(SQLITE_PRAGMAS.iter().chain(&SQLITE_WRITER_PRAGMAS));
-    let sqlite = DirectSqlite::open(&file, SQLITE_BUSY_TIMEOUT, &settings)?;
+    let sqlite = DirectSqlite::open_writer(&file, SQLITE_BUSY_TIMEOUT, &settings)?;
     Ok(Writer::Sqlite(Arc::new(sqlite)))
 }
 
