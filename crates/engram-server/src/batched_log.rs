@@ -507,9 +507,7 @@ mod tests {
 
     #[test]
     fn other_connections_see_every_commit_as_it_returns() {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let path = directory.path().join("log.db");
-        let writer = table(&path);
+        let (_directory, path, writer) = new_database();
         let reader = Connection::open(&path).expect("a reader with the default VFS");
         // One row a commit, then commits of 64 rows of 3 KiB: well over 128 KiB of frames.
         for (commit_number, rows) in [1, 1, 64, 64, 1].into_iter().enumerate() {
@@ -569,19 +567,20 @@ mod tests {
             .expect("integrity check")
     }
 
-    fn table(path: &std::path::Path) -> Connection {
-        let writer = batched(path);
+    /// A new database with a table `t`, its directory, its path and a connection with the VFS.
+    fn new_database() -> (tempfile::TempDir, std::path::PathBuf, Connection) {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let path = directory.path().join("log.db");
+        let writer = batched(&path);
         writer
             .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
             .expect("table");
-        writer
+        (directory, path, writer)
     }
 
     #[test]
     fn settling_a_transaction_that_did_not_commit_drops_its_held_frames() {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let path = directory.path().join("log.db");
-        let writer = table(&path);
+        let (_directory, path, writer) = new_database();
         spill(&writer);
         assert!(held_bytes(&writer) > 0, "the spilled frames are held");
         // SAFETY: the connection is open and used only here.
@@ -595,9 +594,7 @@ mod tests {
 
     #[test]
     fn another_connection_writes_safely_after_a_spilled_transaction_rolled_back() {
-        let directory = tempfile::tempdir().expect("temporary directory");
-        let path = directory.path().join("log.db");
-        let writer = table(&path);
+        let (_directory, path, writer) = new_database();
         spill(&writer);
         writer.execute_batch("ROLLBACK").expect("rollback");
         // SAFETY: the connection is open and used only here.
