@@ -324,6 +324,27 @@ unsafe extern "C" fn log_close(file: *mut ffi::sqlite3_file) -> c_int {
 /// # Safety
 /// `db` is an open connection, used by nobody else meanwhile.
 pub unsafe fn settle(db: *mut ffi::sqlite3, committed: bool) -> c_int {
+    // SAFETY: as documented; a log file of this VFS is used only through its connection.
+    unsafe {
+        let Some(file) = log_file(db) else {
+            return ffi::SQLITE_OK;
+        };
+        let held = held(file);
+        if committed {
+            debug_assert!(held.held().1.is_empty(), "a commit left frames held");
+            write_held(file, held)
+        } else {
+            held.clear(false);
+            ffi::SQLITE_OK
+        }
+    }
+}
+
+/// The log file of `db` if it is open and one of this VFS's.
+///
+/// # Safety
+/// `db` is an open connection, used by nobody else meanwhile.
+unsafe fn log_file(db: *mut ffi::sqlite3) -> Option<*mut ffi::sqlite3_file> {
     let mut file: *mut ffi::sqlite3_file = ptr::null_mut();
     // SAFETY: JOURNAL_POINTER writes the connection's log (or journal) file object into
     // `file`; it is one of our log files only if its methods are ours.
@@ -334,17 +355,9 @@ pub unsafe fn settle(db: *mut ffi::sqlite3, committed: bool) -> c_int {
             ffi::SQLITE_FCNTL_JOURNAL_POINTER,
             (&raw mut file).cast(),
         );
-        if found != ffi::SQLITE_OK || file.is_null() || !ptr::eq((*file).pMethods, &LOG_METHODS) {
-            return ffi::SQLITE_OK;
-        }
-        let held = held(file);
-        if committed {
-            debug_assert!(held.held().1.is_empty(), "a commit left frames held");
-            write_held(file, held)
-        } else {
-            held.clear(false);
-            ffi::SQLITE_OK
-        }
+        let ours =
+            found == ffi::SQLITE_OK && !file.is_null() && ptr::eq((*file).pMethods, &LOG_METHODS);
+        ours.then_some(file)
     }
 }
 
@@ -546,16 +559,9 @@ mod tests {
     }
 
     fn held_bytes(connection: &Connection) -> usize {
-        let mut file: *mut ffi::sqlite3_file = ptr::null_mut();
-        // SAFETY: the connection is open and has its log open (it spilled into it).
+        // SAFETY: the connection is open and used only here.
         unsafe {
-            ffi::sqlite3_file_control(
-                connection.handle(),
-                c"main".as_ptr(),
-                ffi::SQLITE_FCNTL_JOURNAL_POINTER,
-                (&raw mut file).cast(),
-            );
-            assert!(ptr::eq((*file).pMethods, &LOG_METHODS), "a log of this VFS");
+            let file = log_file(connection.handle()).expect("a log of this VFS");
             held(file).held().1.len()
         }
     }
