@@ -367,13 +367,13 @@ impl Report {
         let (server_cpu, client_cpu) = (cpu(measured.server_cpu), cpu(measured.client_cpu));
         let cap = measured
             .cpu_cap(ceiling)
-            .map_or("?".to_owned(), |cap| format!("{cap:.2}"));
+            .map_or("?".to_owned(), |cap| format!("{cap:.3}"));
         let idle = measured
             .cores
             .and_then(|cores| cores.idle_share())
             .map_or("?".to_owned(), |idle| format!("{:.1}", idle * 100.0));
         println!(
-            "{name:<28} {:>9.0} {:>7.2} {cap:>7} {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {idle:>6} {:>5}  {}",
+            "{name:<28} {:>9.0} {:>7.3} {cap:>7} {:>8.0} {:>8.3} {:>8.3} {:>8.3} {:>7} {rss:>9} {server_cpu:>7} {client_cpu:>7} {idle:>6} {:>5}  {}",
             measured.per_second(),
             measured.per_second() / ceiling.per_second,
             ceiling.per_second,
