@@ -20,6 +20,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("engram_descriptor.bin"),
         file_descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(file_descriptors)?;
+    tonic_prost_build::configure()
+        // Written by hand (src/retrieve.rs), to send memories encoded earlier.
+        .extern_path(
+            ".engram.memory.v1.RetrieveMemoriesResponse",
+            "crate::retrieve::RetrieveMemoriesResponse",
+        )
+        .compile_fds(file_descriptors)?;
     Ok(())
 }

@@ -3,8 +3,11 @@
 pub mod memory {
     pub mod v1 {
         tonic::include_proto!("engram.memory.v1");
+        pub use crate::retrieve::RetrieveMemoriesResponse;
     }
 }
+
+pub mod retrieve;
 
 pub mod toolconfig {
     pub mod v1 {

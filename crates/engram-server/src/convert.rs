@@ -9,6 +9,9 @@ use engram_domain::memory::{ContentType, DEFAULT_IMPORTANCE, NewMemory};
 use engram_domain::names::MemoryName;
 use engram_domain::{etag, ranking, text, validate};
 use engram_proto::memory::v1 as pb;
+use engram_proto::retrieve::MEMORIES_TAG;
+use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
 
@@ -21,11 +24,6 @@ pub struct View {
 
 impl View {
     pub fn memory(&self, row: &row::Model) -> pb::Memory {
-        self.memory_with_etag(row, etag::memory_etag(row))
-    }
-
-    /// [`Self::memory`] with its etag known already (`CachedMemory::etag`).
-    pub fn memory_with_etag(&self, row: &row::Model, etag: String) -> pb::Memory {
         let row::Model {
             id,
             // The caller's own: the resource name is relative to its tenant.
@@ -38,14 +36,21 @@ impl View {
             metadata,
             importance,
             expires_at,
-            access_count,
-            last_accessed,
+            // In `tracking`.
+            access_count: _,
+            last_accessed: _,
             created_at,
             updated_at,
             deleted_at,
         } = row;
         let content_type = ContentType::from_column(content_type)
             .map_or(pb::ContentType::Unspecified, proto_content_type);
+        let pb::Memory {
+            effective_importance,
+            access_count,
+            last_access_time,
+            ..
+        } = self.tracking(row);
         pb::Memory {
             name: MemoryName::format(session_id, id),
             content_type: content_type as i32,
@@ -54,23 +59,64 @@ impl View {
             semantic_hash: semantic_hash.clone().unwrap_or_default(),
             metadata: metadata.as_object().map(struct_from_json),
             importance: Some(*importance),
-            effective_importance: ranking::effective_importance(
-                *importance,
-                *created_at,
-                i64::from(*access_count),
-                self.now,
-            ),
+            effective_importance,
             expiration: expires_at.map(|at| pb::memory::Expiration::ExpireTime(timestamp(at))),
-            access_count: i64::from(*access_count),
-            last_access_time: last_accessed.map(timestamp),
+            access_count,
+            last_access_time,
             create_time: Some(timestamp(*created_at)),
             update_time: Some(timestamp(*updated_at)),
             delete_time: deleted_at.map(timestamp),
             purge_time: deleted_at.map(|at| timestamp(at + self.soft_delete_retention)),
-            etag,
+            etag: etag::memory_etag(row),
         }
     }
+
+    /// What every retrieval changes in a memory, its access tracking and the effective
+    /// importance that decays with time, as a Memory of those fields alone.
+    fn tracking(&self, row: &row::Model) -> pb::Memory {
+        let access_count = i64::from(row.access_count);
+        pb::Memory {
+            effective_importance: ranking::effective_importance(
+                row.importance,
+                row.created_at,
+                access_count,
+                self.now,
+            ),
+            access_count,
+            last_access_time: row.last_accessed.map(timestamp),
+            ..pb::Memory::default()
+        }
+    }
+
+    /// The memory's encoding without its `tracking`: what stays the same from turn to turn
+    /// until a change replaces the row.
+    pub fn untracked_encoding(&self, row: &row::Model) -> Vec<u8> {
+        pb::Memory {
+            effective_importance: 0.0,
+            access_count: 0,
+            last_access_time: None,
+            ..self.memory(row)
+        }
+        .encode_to_vec()
+    }
+
+    /// The memory as a whole `memories` field for `RetrieveMemoriesResponse::
+    /// from_encoded_memories`: its `untracked` encoding, then its tracking's. Two encodings
+    /// of a message one after the other decode as their merge, here of disjoint fields.
+    pub fn retrieved_memory(&self, row: &row::Model, untracked: &[u8]) -> Vec<u8> {
+        let tracking = self.tracking(row);
+        let len = untracked.len() + tracking.encoded_len();
+        let mut field = Vec::with_capacity(len + MAX_FIELD_HEAD);
+        encode_key(MEMORIES_TAG, WireType::LengthDelimited, &mut field);
+        encode_varint(len as u64, &mut field);
+        field.extend_from_slice(untracked);
+        tracking.encode(&mut field).expect("a Vec grows");
+        field
+    }
 }
+
+/// A field's key and length: two varints of at most 5 and 10 bytes.
+const MAX_FIELD_HEAD: usize = 15;
 
 impl View {
     /// Near-duplicates with their SimHash distance, nearest first as given.
@@ -369,5 +415,55 @@ mod tests {
             metadata("memory.metadata", Some(value)).unwrap_err().field,
             "memory.metadata"
         );
+    }
+
+    #[test]
+    fn a_retrieved_memory_decodes_as_the_memory_built_whole() {
+        let created_at = DateTime::from_timestamp_micros(1_790_000_000_123_456).unwrap();
+        let view = View {
+            now: created_at + Duration::days(3),
+            soft_delete_retention: Duration::days(30),
+        };
+        let fresh = row::Model {
+            id: "0199a1b2-0000-7000-8000-000000000001".to_owned(),
+            tenant_id: "default".to_owned(),
+            session_id: "s1".to_owned(),
+            content_type: "preference".to_owned(),
+            content: "customer prefers email updates".to_owned(),
+            content_hash: "fc5f1794".to_owned(),
+            semantic_hash: Some("482c5aa1105044a2".to_owned()),
+            metadata: serde_json::json!({"source": "chat", "turn": 3, "tags": ["a", null]}),
+            importance: 0.5,
+            expires_at: None,
+            access_count: 0,
+            last_accessed: None,
+            created_at,
+            updated_at: created_at,
+            deleted_at: None,
+        };
+        let accessed = row::Model {
+            metadata: serde_json::json!({}),
+            semantic_hash: None,
+            expires_at: Some(created_at + Duration::days(7)),
+            access_count: 12,
+            last_accessed: Some(created_at + Duration::hours(5)),
+            ..fresh.clone()
+        };
+        for row in [fresh, accessed] {
+            // Encoded before the accesses, as the session cache keeps it.
+            let untracked = view.untracked_encoding(&row::Model {
+                access_count: 0,
+                last_accessed: None,
+                ..row.clone()
+            });
+            let encoded = [
+                view.retrieved_memory(&row, &untracked),
+                view.retrieved_memory(&row, &untracked),
+            ];
+            let response = pb::RetrieveMemoriesResponse::from_encoded_memories(encoded.concat());
+            let decoded = pb::RetrieveMemoriesResponse::decode(response.encode_to_vec().as_slice())
+                .expect("decodes");
+            assert_eq!(decoded.memories, [view.memory(&row), view.memory(&row)]);
+        }
     }
 }

@@ -486,10 +486,15 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
                     limit,
                 },
                 now,
-                |memory| view.memory_with_etag(memory, memory.etag().to_owned()),
+                |memory| {
+                    let untracked = memory.untracked_encoding(|row| view.untracked_encoding(row));
+                    view.retrieved_memory(memory, untracked)
+                },
             )
             .await?;
-        Ok(Response::new(pb::RetrieveMemoriesResponse { memories }))
+        Ok(Response::new(
+            pb::RetrieveMemoriesResponse::from_encoded_memories(memories.concat()),
+        ))
     }
 
     async fn find_similar_memories(

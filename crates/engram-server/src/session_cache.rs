@@ -50,13 +50,14 @@ struct Entry {
     loaded_at: Instant,
 }
 
-/// A cached memory and, once asked for, its etag: the next turns render the same memories
-/// again, and the etag (a SHA-256 of the row) was a tenth of a retrieval's CPU. Only access
-/// tracking changes a cached row in place, and the etag does not cover it; any other change
-/// replaces the row, and the etag with it.
+/// A cached memory and, once retrieved, its encoding without access tracking
+/// (`View::untracked_encoding`): the next turns return the same memories again, and building
+/// and encoding them was a quarter of a retrieval's server CPU. Only access tracking changes a
+/// cached row in place, and the encoding leaves it out; any other change replaces the row,
+/// and the encoding with it.
 pub struct CachedMemory {
     row: row::Model,
-    etag: OnceCell<String>,
+    untracked_encoding: OnceCell<Vec<u8>>,
     /// `created_at` in microseconds since the epoch, for ranking every turn.
     created_micros: i64,
 }
@@ -66,7 +67,7 @@ impl CachedMemory {
         Self {
             created_micros: row.created_at.timestamp_micros(),
             row,
-            etag: OnceCell::new(),
+            untracked_encoding: OnceCell::new(),
         }
     }
 
@@ -80,8 +81,9 @@ impl CachedMemory {
         )
     }
 
-    pub fn etag(&self) -> &str {
-        self.etag.get_or_init(|| etag::memory_etag(&self.row))
+    /// Its encoding without access tracking, made by `encode` the first time.
+    pub fn untracked_encoding(&self, encode: impl FnOnce(&row::Model) -> Vec<u8>) -> &[u8] {
+        self.untracked_encoding.get_or_init(|| encode(&self.row))
     }
 }
 
@@ -290,7 +292,8 @@ fn stripe_of(key: &SessionKey) -> usize {
 }
 
 /// Roughly what a cached memory occupies: the struct, its strings, its metadata (its JSON
-/// text length twice over for the tree's allocations) and its etag.
+/// text length twice over for the tree's allocations), and once retrieved its encoding: those
+/// strings and that text again, and `ENCODING_EXTRA`.
 fn estimated_bytes(memory: &row::Model) -> usize {
     let row::Model {
         id,
@@ -303,17 +306,23 @@ fn estimated_bytes(memory: &row::Model) -> usize {
         metadata,
         ..
     } = memory;
-    std::mem::size_of::<CachedMemory>()
-        + etag::ETAG_LEN
-        + id.len()
-        + tenant_id.len()
+    let encoded_text = id.len()
         + session_id.len()
-        + content_type.len()
         + content.len()
         + content_hash.len()
-        + semantic_hash.as_ref().map_or(0, String::len)
-        + 2 * metadata.to_string().len()
+        + semantic_hash.as_ref().map_or(0, String::len);
+    let metadata_text = metadata.to_string().len();
+    std::mem::size_of::<CachedMemory>()
+        + tenant_id.len()
+        + content_type.len()
+        + 2 * encoded_text
+        + 3 * metadata_text
+        + ENCODING_EXTRA
 }
+
+/// What a memory's encoding holds besides its strings and metadata: the name's fixed parts,
+/// the etag, three times, two numbers and the fields' keys and lengths, and its Vec; about.
+const ENCODING_EXTRA: usize = 19 + etag::ETAG_LEN + 3 * 14 + 9 + 2 + 16 + 24;
 
 #[cfg(test)]
 mod tests {
@@ -506,31 +515,33 @@ mod tests {
     }
 
     #[test]
-    fn a_cached_etag_is_that_of_the_row_cached_now() {
+    fn a_cached_encoding_is_that_of_the_row_cached_now() {
         let cache = cache();
         let original = memory("a", "x");
         load(&cache, "s", vec![original.clone()]);
-        let cached_etag = |cache: &SessionCache| {
+        let encode = |row: &row::Model| etag::memory_etag(row).into_bytes();
+        let cached_encoding = |cache: &SessionCache| {
             cache
-                .with_cached(&key("s"), |m| m[0].etag().to_owned())
+                .with_cached(&key("s"), |m| m[0].untracked_encoding(encode).to_vec())
                 .expect("cached")
         };
-        assert_eq!(cached_etag(&cache), etag::memory_etag(&original));
+        assert_eq!(cached_encoding(&cache), encode(&original));
         cache
             .with_cached(&key("s"), |m| m[0].add_accesses(one_access()))
             .expect("cached");
-        assert_eq!(
-            cached_etag(&cache),
-            etag::memory_etag(&original),
-            "accesses do not change it"
-        );
+        let accessed = cache
+            .with_cached(&key("s"), |m| {
+                m[0].untracked_encoding(|_| unreachable!()).to_vec()
+            })
+            .expect("cached");
+        assert_eq!(accessed, encode(&original), "accesses keep it");
         let changed = row::Model {
             importance: 0.9,
             ..original.clone()
         };
         cache.apply(&key("s"), [changed.clone()], &HashSet::new());
-        assert_ne!(etag::memory_etag(&changed), etag::memory_etag(&original));
-        assert_eq!(cached_etag(&cache), etag::memory_etag(&changed));
+        assert_ne!(encode(&changed), encode(&original));
+        assert_eq!(cached_encoding(&cache), encode(&changed));
     }
 
     #[test]
