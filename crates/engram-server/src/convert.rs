@@ -100,18 +100,17 @@ impl View {
         .encode_to_vec()
     }
 
-    /// The memory as a whole `memories` field for `RetrieveMemoriesResponse::
+    /// Appends the memory to `out` as a whole `memories` field for `RetrieveMemoriesResponse::
     /// from_encoded_memories`: its `untracked` encoding, then its tracking's. Two encodings
     /// of a message one after the other decode as their merge, here of disjoint fields.
-    pub fn retrieved_memory(&self, row: &row::Model, untracked: &[u8]) -> Vec<u8> {
+    pub fn append_retrieved_memory(&self, row: &row::Model, untracked: &[u8], out: &mut Vec<u8>) {
         let tracking = self.tracking(row);
         let len = untracked.len() + tracking.encoded_len();
-        let mut field = Vec::with_capacity(len + MAX_FIELD_HEAD);
-        encode_key(MEMORIES_TAG, WireType::LengthDelimited, &mut field);
-        encode_varint(len as u64, &mut field);
-        field.extend_from_slice(untracked);
-        tracking.encode(&mut field).expect("a Vec grows");
-        field
+        out.reserve(len + MAX_FIELD_HEAD);
+        encode_key(MEMORIES_TAG, WireType::LengthDelimited, out);
+        encode_varint(len as u64, out);
+        out.extend_from_slice(untracked);
+        tracking.encode(out).expect("a Vec grows");
     }
 }
 
@@ -456,11 +455,10 @@ mod tests {
                 last_accessed: None,
                 ..row.clone()
             });
-            let encoded = [
-                view.retrieved_memory(&row, &untracked),
-                view.retrieved_memory(&row, &untracked),
-            ];
-            let response = pb::RetrieveMemoriesResponse::from_encoded_memories(encoded.concat());
+            let mut encoded = Vec::new();
+            view.append_retrieved_memory(&row, &untracked, &mut encoded);
+            view.append_retrieved_memory(&row, &untracked, &mut encoded);
+            let response = pb::RetrieveMemoriesResponse::from_encoded_memories(encoded);
             let decoded = pb::RetrieveMemoriesResponse::decode(response.encode_to_vec().as_slice())
                 .expect("decodes");
             assert_eq!(decoded.memories, [view.memory(&row), view.memory(&row)]);

@@ -475,8 +475,8 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
             unreachable!("validated")
         };
         let view = self.view(now);
-        let memories = self
-            .store
+        let mut encoded = Vec::new();
+        self.store
             .retrieve(
                 RetrieveQuery {
                     tenant,
@@ -488,12 +488,12 @@ impl pb::memory_service_server::MemoryService for MemoryApi {
                 now,
                 |memory| {
                     let untracked = memory.untracked_encoding(|row| view.untracked_encoding(row));
-                    view.retrieved_memory(memory, untracked)
+                    view.append_retrieved_memory(memory, untracked, &mut encoded);
                 },
             )
             .await?;
         Ok(Response::new(
-            pb::RetrieveMemoriesResponse::from_encoded_memories(memories.concat()),
+            pb::RetrieveMemoriesResponse::from_encoded_memories(encoded),
         ))
     }
 

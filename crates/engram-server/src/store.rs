@@ -849,14 +849,14 @@ impl MemoryStore {
         Ok((count, sample))
     }
 
-    /// The session's `limit` most important live memories, each counted as accessed and
-    /// handed to `render` while the session is held, so nothing is copied twice.
-    pub async fn retrieve<T>(
+    /// The session's `limit` most important live memories, most important first, each counted
+    /// as accessed and handed to `render` while the session is held, so nothing is copied twice.
+    pub async fn retrieve(
         &self,
         query: RetrieveQuery,
         now: DateTime<Utc>,
-        render: impl Fn(&CachedMemory) -> T,
-    ) -> Result<Vec<T>, MemoryError> {
+        mut render: impl FnMut(&CachedMemory),
+    ) -> Result<(), MemoryError> {
         let RetrieveQuery {
             tenant,
             session,
@@ -889,16 +889,12 @@ impl MemoryStore {
                 count: 1,
                 last: now,
             };
-            let rendered = chosen
-                .iter()
-                .map(|&at| {
-                    memories[at].add_accesses(access);
-                    render(&memories[at])
-                })
-                .collect();
+            for &at in &chosen {
+                memories[at].add_accesses(access);
+                render(&memories[at]);
+            }
             self.accesses
                 .record(chosen.iter().map(|&at| memories[at].id.as_str()), now);
-            rendered
         };
         Ok(self.with_session(&tenant, &session, now, choose).await?)
     }
